@@ -8,6 +8,7 @@ a bad file changes nothing because nothing is swapped until it validated.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tomllib
@@ -361,6 +362,18 @@ def parse(
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_document(doc, source=source, base_dir=base_dir, environ=environ)
+
+
+def parse_document(
+    doc: dict[str, Any],
+    *,
+    source: str = "config.toml",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate an already-parsed TOML document (a dict) into a :class:`Config`."""
+    doc = copy.deepcopy(doc)
     if "source" in doc:
         raise ConfigError(f"{source}: unknown key source")
     apply_environment(doc, os.environ if environ is None else environ)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from formcraftd.config import WorkerKind
 from formcraftd.errors import FormcraftError
 
 # Bounds that keep one hostile message from costing much (the whole body is
@@ -131,8 +132,13 @@ def encode(job: Job) -> bytes:
     return _encoder.encode(job)
 
 
-def kind_of(job: Job) -> str:
-    return {WebhookJob: "webhook", EmailJob: "email", SheetsJob: "sheets"}[type(job)]
+def kind_of(job: Job) -> WorkerKind:
+    """The worker kind (and so the config section) a job belongs to."""
+    if isinstance(job, WebhookJob):
+        return "webhook"
+    if isinstance(job, EmailJob):
+        return "email"
+    return "sheets"
 
 
 def job_id_for(message_id: str | None, body: bytes) -> str:

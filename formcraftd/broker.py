@@ -1,0 +1,218 @@
+"""The AMQP side: one robust connection, the topology of SPEC §4, confirmed publishing.
+
+The connection is an aio-pika robust connection: it reconnects by itself and
+restores channels, queues and consumers. Topology is declared on a throwaway
+channel first so a clash with an existing entity becomes a clear
+:class:`TopologyError` instead of a closed channel deep inside a consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
+
+from formcraftd import __version__
+from formcraftd.config import AnyWorkerConfig, BrokerConfig, mask_url
+from formcraftd.errors import BrokerError, BrokerUnreachable, TopologyError
+from formcraftd.retry import RetrySchedule, retry_queue_name
+
+log = logging.getLogger("formcraftd.broker")
+
+Arguments = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """One queue to declare: name and arguments."""
+
+    name: str
+    arguments: Arguments
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerTopology:
+    """Every entity one worker needs, derived from its config (SPEC §4)."""
+
+    main: QueueSpec
+    dead_letter_exchange: str
+    dead_letter_queue: QueueSpec
+    retry_queues: tuple[QueueSpec, ...]
+
+    @classmethod
+    def build(cls, worker: AnyWorkerConfig, broker: BrokerConfig) -> WorkerTopology:
+        queue_type = {"x-queue-type": broker.queue_type}
+        main_args: Arguments = {**queue_type, "x-dead-letter-exchange": worker.dead_letter_exchange}
+        if broker.queue_type == "quorum":
+            main_args["x-delivery-limit"] = broker.delivery_limit
+        if getattr(worker, "single_active_consumer", False):
+            main_args["x-single-active-consumer"] = True
+        dlq_args: Arguments = dict(queue_type)
+        if worker.dead_letter_ttl_ms is not None:
+            dlq_args["x-message-ttl"] = worker.dead_letter_ttl_ms
+        schedule = RetrySchedule.from_config(worker.retry)
+        retries = tuple(
+            QueueSpec(
+                retry_queue_name(worker.queue, delay),
+                {
+                    **queue_type,
+                    "x-message-ttl": delay,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": worker.queue,
+                },
+            )
+            for delay in schedule.tiers()
+        )
+        return cls(
+            main=QueueSpec(worker.queue, main_args),
+            dead_letter_exchange=worker.dead_letter_exchange,
+            dead_letter_queue=QueueSpec(f"dlq.{worker.queue}", dlq_args),
+            retry_queues=retries,
+        )
+
+    def queues(self) -> tuple[QueueSpec, ...]:
+        return (self.main, self.dead_letter_queue, *self.retry_queues)
+
+
+class Broker:
+    """Owns the robust connection and reports its state through callbacks."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._on_state = on_state
+        self._connection: AbstractRobustConnection | None = None
+        self.connected = False
+        self.reconnects = 0
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BrokerError("not connected")
+        return self._connection
+
+    async def connect(self) -> None:
+        """Connect to the first URL that answers, retrying until `connect_timeout_s`."""
+        urls = [u.strip() for u in self._config.url.split(",") if u.strip()]
+        deadline = time.monotonic() + self._config.connect_timeout_s
+        delay = 0.25
+        while True:
+            for url in urls:
+                try:
+                    self._connection = await self._open(url, deadline)
+                except (OSError, aiormq.exceptions.AMQPError, asyncio.TimeoutError) as exc:
+                    log.warning("broker %s not reachable: %s", mask_url(url), _describe(exc))
+                    continue
+                self._connection.close_callbacks.add(self._on_close)
+                self._connection.reconnect_callbacks.add(self._on_reconnect)
+                self._set_connected(True)
+                log.info("connected to broker %s", mask_url(url))
+                return
+            if time.monotonic() + delay > deadline:
+                raise BrokerUnreachable(
+                    f"broker not reachable after {self._config.connect_timeout_s:g} s: "
+                    + ", ".join(mask_url(u) for u in urls)
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _open(self, url: str, deadline: float) -> AbstractRobustConnection:
+        timeout = max(1.0, min(10.0, deadline - time.monotonic()))
+        return await aio_pika.connect_robust(
+            url,
+            timeout=timeout,
+            heartbeat=self._config.heartbeat_s,
+            reconnect_interval=1,
+            client_properties={"connection_name": f"formcraftd/{__version__}"},
+        )
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        if self._on_state is not None:
+            self._on_state(connected)
+
+    def _on_close(self, _connection: object, exc: BaseException | None = None) -> None:
+        if self.connected:
+            log.warning("broker connection lost: %s", _describe(exc) if exc else "closed")
+        self._set_connected(False)
+
+    def _on_reconnect(self, _connection: object) -> None:
+        self.reconnects += 1
+        log.info("reconnected to broker")
+        self._set_connected(True)
+
+    async def channel(self, *, prefetch: int) -> AbstractRobustChannel:
+        """A robust channel with publisher confirms and unroutable publishes raising."""
+        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=prefetch)
+        assert isinstance(channel, AbstractRobustChannel)
+        return channel
+
+    async def declare(self, topology: WorkerTopology) -> None:
+        """Declare `topology` idempotently; a clash raises :class:`TopologyError`."""
+        channel = await self.connection.channel(publisher_confirms=False)
+        try:
+            await _declare_on(channel, topology)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def aclose(self) -> None:
+        if self._connection is not None and not self._connection.is_closed:
+            self.connected = False
+            await self._connection.close()
+
+
+async def _declare_on(channel: AbstractChannel, topology: WorkerTopology) -> None:
+    entity = ""
+    try:
+        entity = f"exchange {topology.dead_letter_exchange!r}"
+        dlx = await channel.declare_exchange(
+            topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        for spec in topology.queues():
+            entity = f"queue {spec.name!r}"
+            queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+            if spec is topology.dead_letter_queue:
+                await queue.bind(dlx, routing_key="")
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyError(
+            f"{entity} already exists with other arguments: {_describe(exc)}; "
+            "delete it or change the config to match"
+        ) from None
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        raise TopologyError(f"{entity}: access refused: {_describe(exc)}") from None
+
+
+async def declare_consumer_queue(
+    channel: AbstractRobustChannel, spec: QueueSpec
+) -> AbstractRobustQueue:
+    """The main queue on a consumer's own channel (restored with it on reconnect)."""
+    queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+    assert isinstance(queue, AbstractRobustQueue)
+    return queue
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiormq.exceptions.ChannelClosed) and exc.args:
+        text = str(exc.args[-1]) if len(exc.args) > 1 else str(exc.args[0])
+    return " ".join(text.split())[:300]

@@ -1,0 +1,136 @@
+"""The `formcraftd` command line (SPEC §2).
+
+Exit codes: 0 ok, 1 bad config or input (one line on stderr), 2 usage error,
+3 broker unreachable at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import aio_pika
+import orjson
+
+from formcraftd import __version__, config, jobs, logs
+from formcraftd.errors import BrokerUnreachable, ConfigError, FormcraftError, TopologyError
+
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="formcraftd", description="FormCraft's background-job daemon."
+    )
+    parser.add_argument("--version", action="version", version=f"formcraftd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--config", metavar="PATH", default=None,
+                         help="config file (default: $FORMCRAFTD_CONFIG, else ./config.toml)")
+        return sub
+
+    with_config(commands.add_parser("run", help="run the daemon"))
+    with_config(commands.add_parser("check-config", help="validate and print the effective config"))
+    schema = commands.add_parser("schema", help="print the JSON Schema of the job messages")
+    schema.add_argument("kind", nargs="?", choices=sorted(jobs.JOB_TYPES))
+    enqueue = with_config(commands.add_parser("enqueue", help="publish a job from a JSON file"))
+    enqueue.add_argument("file", metavar="FILE.json", help="the job ('-' reads stdin)")
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> int:
+    print(f"formcraftd: {message}", file=sys.stderr)
+    return code
+
+
+def _load(path: str | None) -> config.Config:
+    return config.load(path or config.default_path())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from formcraftd.daemon import run_daemon
+
+    cfg = _load(args.config)
+    logs.configure(cfg.logging)
+    try:
+        uvloop.run(run_daemon(cfg))
+    except BrokerUnreachable as exc:
+        return _fail(str(exc), EXIT_BROKER)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    sys.stdout.write(orjson.dumps(cfg.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(orjson.dumps(jobs.schema(args.kind), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    try:
+        body = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        return _fail(f"{args.file}: {exc.strerror or exc}")
+    try:
+        job = jobs.decode(body)
+    except jobs.JobInvalid as exc:
+        return _fail(f"{args.file}: invalid job: {exc}")
+    worker = cfg.worker(jobs.kind_of(job))
+    job_id = uuid.uuid4().hex
+    asyncio.run(_publish(cfg, worker.queue, body, job_id))
+    print(f"{job_id} -> {worker.queue}")
+    return EXIT_OK
+
+
+async def _publish(cfg: config.Config, queue: str, body: bytes, job_id: str) -> None:
+    from formcraftd.broker import Broker, WorkerTopology
+
+    broker = Broker(cfg.broker)
+    await broker.connect()
+    try:
+        kind = next(k for k in config.WORKER_KINDS if cfg.worker(k).queue == queue)
+        await broker.declare(WorkerTopology.build(cfg.worker(kind), cfg.broker))
+        channel = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=job_id,
+        )
+        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+    finally:
+        await broker.aclose()
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "schema": cmd_schema,
+    "enqueue": cmd_enqueue,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BrokerUnreachable as exc:
+        return _fail(str(exc), EXIT_BROKER)
+    except (ConfigError, TopologyError) as exc:
+        return _fail(str(exc))
+    except FormcraftError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,457 @@
+"""The one generic consumer: decode -> limit -> breaker -> handler -> outcome.
+
+It owns acks, retries, dead letters and job metrics once, for every worker. A
+handler only returns or raises a job-fate exception (SPEC §5). Nothing is acked
+before its outcome (the retry or the dead letter) has been confirmed by the
+broker; if that publish fails, the message is returned to the queue instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import aio_pika
+import msgspec
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+
+from formcraftd import jobs
+from formcraftd.breakers import BreakerRegistry
+from formcraftd.broker import WorkerTopology, declare_consumer_queue
+from formcraftd.config import AnyWorkerConfig, BreakerConfig, DaemonConfig
+from formcraftd.errors import BreakerOpen, ErrorCode, PermanentFailure, RetryLater
+from formcraftd.jobs import Handler, Job, JobContext, JobInvalid
+from formcraftd.limits import ResizableLimiter
+from formcraftd.metrics import QueueMetrics
+from formcraftd.retry import RetrySchedule, retry_queue_name
+
+log = logging.getLogger("formcraftd.consumer")
+
+ATTEMPT_HEADER = "x-formcraft-attempt"
+FIRST_SEEN_HEADER = "x-formcraft-first-seen"
+_DROPPED_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
+                    "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
+                    "x-last-death-reason")
+_MAX_ATTEMPT = 1_000_000
+_JOB_CLASSES = (jobs.WebhookJob, jobs.EmailJob, jobs.SheetsJob)
+
+ConsumerState = Literal["starting", "consuming", "paused", "stopping", "stopped"]
+
+
+class Consumer:
+    """Consumes one queue on its own channel, within its own concurrency limit."""
+
+    def __init__(
+        self,
+        *,
+        worker: AnyWorkerConfig,
+        topology: WorkerTopology,
+        handler: Handler[Any],
+        channel: AbstractRobustChannel,
+        breakers: BreakerRegistry,
+        breaker_config: BreakerConfig,
+        daemon_config: DaemonConfig,
+        metrics: QueueMetrics,
+    ) -> None:
+        self.queue_name = worker.queue
+        self.handler = handler
+        self._worker = worker
+        self._topology = topology
+        self._schedule = RetrySchedule.from_config(worker.retry)
+        self._channel = channel
+        self._breakers = breakers
+        self._breaker_config = breaker_config
+        self._daemon_config = daemon_config
+        self._metrics = metrics
+        self.limiter = ResizableLimiter(worker.concurrency)
+        metrics.concurrency_limit.set(worker.concurrency)
+        self.state: ConsumerState = "starting"
+        self._queue: AbstractRobustQueue | None = None
+        self._dead_letter_exchange: AbstractExchange | None = None
+        self._tag: str | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        self._deadline = 0.0
+        self._waiting: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], float] = {}
+
+    # --- lifecycle ------------------------------------------------------------
+
+    @property
+    def consuming(self) -> bool:
+        return self.state == "consuming" and not self._channel.is_closed
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def oldest_in_flight_s(self) -> float:
+        """Age in seconds of the oldest job a handler is working on (0 when idle)."""
+        if not self._running:
+            return 0.0
+        return time.monotonic() - min(self._running.values())
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`, then drain in-flight jobs by the deadline."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            self._queue = await declare_consumer_queue(self._channel, self._topology.main)
+            self._dead_letter_exchange = await self._channel.declare_exchange(
+                self._topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            await self._subscribe()
+            self.subscribed.set()
+            await self._stop.wait()
+            self.state = "stopping"
+            await self._unsubscribe()
+            self._requeue_waiting()
+            await self._drain()
+        self.state = "stopped"
+        if not self._channel.is_closed:
+            await self._channel.close()
+
+    def stop(self, deadline: float) -> None:
+        """Ask the consumer to stop; in-flight jobs may run until monotonic `deadline`."""
+        self._deadline = deadline
+        self._stop.set()
+
+    async def pause(self) -> None:
+        if self.state == "consuming":
+            await self._unsubscribe()
+            self.state = "paused"
+
+    async def resume(self) -> None:
+        if self.state == "paused":
+            await self._subscribe()
+
+    def reconfigure(self, worker: AnyWorkerConfig, breaker_config: BreakerConfig,
+                    daemon_config: DaemonConfig) -> None:
+        """Apply live settings: concurrency, retry schedule, breaker and size limits."""
+        self._worker = worker
+        self._schedule = RetrySchedule.from_config(worker.retry)
+        self._breaker_config = breaker_config
+        self._daemon_config = daemon_config
+        self.limiter.resize(worker.concurrency)
+        self._metrics.concurrency_limit.set(worker.concurrency)
+
+    async def _subscribe(self) -> None:
+        assert self._queue is not None
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        self.state = "consuming"
+
+    async def _unsubscribe(self) -> None:
+        if self._queue is None or self._tag is None:
+            return
+        tag, self._tag = self._tag, None
+        if self._channel.is_closed:
+            return
+        try:
+            await self._queue.cancel(tag)
+        except Exception as exc:  # the channel may be closing under us
+            log.warning("cancelling consumer of %s failed: %s", self.queue_name, exc)
+
+    def _requeue_waiting(self) -> None:
+        """Jobs that never got a concurrency slot go back to the queue at once."""
+        for task in list(self._waiting):
+            task.cancel()
+
+    async def _drain(self) -> None:
+        """Wait for in-flight jobs until the deadline (which a forced stop moves to now)."""
+        if self._running:
+            log.info("%s: waiting up to %.1f s for %d in-flight jobs", self.queue_name,
+                     max(0.0, self._deadline - time.monotonic()), len(self._running))
+        while self._running and (remaining := self._deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self._running), timeout=min(remaining, 0.1))
+        late = [task for task in self._running if not task.done()]
+        if late:
+            log.warning("%s: %d jobs still running at the deadline; returning them to the queue",
+                        self.queue_name, len(late))
+            for task in late:
+                task.cancel()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._tg is None or self._stop.is_set():
+            await _settle(message.nack(requeue=True))
+            return
+        task = self._tg.create_task(self._process(message))
+        self._waiting.add(task)
+
+    # --- one message ------------------------------------------------------------
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            await self._process_message(message, task)
+        except asyncio.CancelledError:
+            self._waiting.discard(task)
+            self._running.pop(task, None)
+            await asyncio.shield(_settle(message.nack(requeue=True)))
+            raise
+        except Exception:
+            log.exception("unexpected error handling a message from %s", self.queue_name)
+            await _settle(message.nack(requeue=True))
+
+    async def _process_message(self, message: AbstractIncomingMessage, task: asyncio.Task[None]) -> None:
+        job_id = jobs.job_id_for(message.message_id, message.body)
+        tries_before = _attempt_header(message.headers)
+        job = self._decode(message, job_id)
+        if job is None:
+            self._waiting.discard(task)
+            return
+        ctx = JobContext(job_id=job_id, attempt=tries_before + 1, queue=self.queue_name)
+        async with self.limiter:
+            self._waiting.discard(task)
+            self._running[task] = time.monotonic()
+            self._metrics.in_flight.inc()
+            try:
+                failure = await self._attempt(job, ctx)
+            finally:
+                self._metrics.in_flight.dec()
+                started = self._running.pop(task)
+        duration = time.monotonic() - started
+        await self._settle_outcome(message, job, ctx, failure, duration)
+
+    def _decode(self, message: AbstractIncomingMessage, job_id: str) -> Job | None:
+        """The typed job, or None after scheduling its dead letter (as a task)."""
+        limit = self._daemon_config.max_message_bytes
+        try:
+            if len(message.body) > limit:
+                raise JobInvalid(f"message is {len(message.body)} bytes, over the {limit} byte limit")
+            job = jobs.decode(message.body)
+            if type(job) is not self.handler.job_type:
+                raise JobInvalid(f"a {jobs.kind_of(job)} job does not belong on {self.queue_name}")
+        except JobInvalid as exc:
+            failure = PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False)
+            ctx = JobContext(job_id=job_id, attempt=_attempt_header(message.headers) + 1,
+                             queue=self.queue_name)
+            assert self._tg is not None
+            self._tg.create_task(self._settle_outcome(message, None, ctx, failure, 0.0))
+            return None
+        return job
+
+    async def _attempt(self, job: Job, ctx: JobContext) -> Exception | None:
+        """Run the handler under the job's breaker; the failure, or None on success."""
+        breaker = self._breakers.get(self.handler.breaker_key(job))
+        try:
+            breaker.acquire()
+        except BreakerOpen as exc:
+            return exc
+        try:
+            await self.handler.handle(job, ctx)
+        except PermanentFailure as exc:
+            if exc.reached_service:
+                breaker.record_success()
+            else:
+                breaker.release()
+            return exc
+        except RetryLater as exc:
+            breaker.record_failure()
+            return exc
+        except asyncio.CancelledError:
+            breaker.release()
+            raise
+        except Exception as exc:
+            breaker.release()
+            log.exception("handler for %s raised unexpectedly (job %s)", self.queue_name, ctx.job_id)
+            return RetryLater(f"internal error: {type(exc).__name__}")
+        breaker.record_success()
+        return None
+
+    # --- outcomes -----------------------------------------------------------------
+
+    async def _settle_outcome(
+        self,
+        message: AbstractIncomingMessage,
+        job: Job | None,
+        ctx: JobContext,
+        failure: Exception | None,
+        duration: float,
+    ) -> None:
+        try:
+            outcome = await self._publish_outcome(message, job, ctx, failure)
+        except Exception as exc:
+            log.error("%s: could not publish the outcome of job %s (%s); returning it to the queue",
+                      self.queue_name, ctx.job_id, _one_line(exc))
+            await _settle(message.nack(requeue=True))
+            return
+        if not await _settle(message.ack()):
+            log.warning("%s: ack of job %s lost with its channel; the broker will redeliver it",
+                        self.queue_name, ctx.job_id)
+        if job is not None and not isinstance(failure, BreakerOpen):
+            self._metrics.duration.observe(duration)
+        self._log_job(job, ctx, outcome, failure, duration)
+
+    async def _publish_outcome(
+        self,
+        message: AbstractIncomingMessage,
+        job: Job | None,
+        ctx: JobContext,
+        failure: Exception | None,
+    ) -> str:
+        if failure is None:
+            self._metrics.success.inc()
+            return "success"
+        if isinstance(failure, BreakerOpen):
+            return await self._delay_for_breaker(message, ctx, failure)
+        if isinstance(failure, RetryLater) and self._schedule.tries_left(ctx.attempt):
+            await self._retry(message, job, ctx, failure)
+            self._metrics.retry.inc()
+            return "retry"
+        if isinstance(failure, RetryLater):
+            failure = PermanentFailure(
+                "RETRIES_EXHAUSTED",
+                f"gave up after {ctx.attempt} tries: {failure.reason}",
+                status=failure.status,
+            )
+        assert isinstance(failure, PermanentFailure)
+        await self._dead_letter(message, ctx, failure.code, failure.reason, ctx.attempt, failure.status)
+        self._metrics.dead_letter.inc()
+        return "dead_letter"
+
+    async def _retry(self, message: AbstractIncomingMessage, job: Job | None,
+                     ctx: JobContext, failure: RetryLater) -> None:
+        delay = self._schedule.delay_ms(ctx.attempt)
+        if failure.after is not None:
+            delay = max(delay, round(failure.after * 1000))
+        tier = self._schedule.tier_at_least(delay)
+        retried = failure.replacement if isinstance(failure.replacement, _JOB_CLASSES) else job
+        if isinstance(retried, jobs.WebhookJob):
+            metadata = msgspec.structs.replace(retried.metadata, retry_count=ctx.attempt)
+            retried = msgspec.structs.replace(retried, metadata=metadata)
+        body = message.body if retried is job or retried is None else jobs.encode(retried)
+        headers = _carried_headers(message.headers)
+        headers[ATTEMPT_HEADER] = ctx.attempt
+        await self._publish_to_tier(message, ctx, body, headers, tier)
+
+    async def _delay_for_breaker(self, message: AbstractIncomingMessage, ctx: JobContext,
+                                 failure: BreakerOpen) -> str:
+        now_ms = time.time() * 1000
+        first_seen = _first_seen_ms(message, now_ms)
+        if now_ms - first_seen > self._breaker_config.max_job_age_ms:
+            await self._dead_letter(message, ctx, "BREAKER_OPEN",
+                                    f"{failure} for longer than the job may wait",
+                                    ctx.attempt - 1, None)
+            self._metrics.dead_letter.inc()
+            return "dead_letter"
+        headers = _carried_headers(message.headers)
+        headers[ATTEMPT_HEADER] = ctx.attempt - 1
+        headers[FIRST_SEEN_HEADER] = int(first_seen)
+        tier = self._schedule.nearest_tier(failure.remaining * 1000)
+        await self._publish_to_tier(message, ctx, message.body, headers, tier)
+        self._metrics.delayed.inc()
+        return "delayed"
+
+    async def _publish_to_tier(self, message: AbstractIncomingMessage, ctx: JobContext,
+                               body: bytes, headers: dict[str, Any], tier: int) -> None:
+        outgoing = _outgoing(message, ctx.job_id, body, headers)
+        await self._channel.default_exchange.publish(
+            outgoing, routing_key=retry_queue_name(self.queue_name, tier), mandatory=True
+        )
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, ctx: JobContext,
+                           code: ErrorCode, reason: str, attempts: int, status: int | None) -> None:
+        headers = _carried_headers(message.headers)
+        headers.update({
+            "x-formcraft-error-code": code,
+            "x-formcraft-error": _one_line(reason),
+            "x-formcraft-attempts": attempts,
+            "x-formcraft-queue": self.queue_name,
+            "x-formcraft-failed-at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        })
+        if status is not None:
+            headers["x-formcraft-last-status"] = status
+        assert self._dead_letter_exchange is not None
+        await self._dead_letter_exchange.publish(_outgoing(message, ctx.job_id, message.body, headers),
+                               routing_key=self.queue_name, mandatory=True)
+
+    def _log_job(self, job: Job | None, ctx: JobContext, outcome: str,
+                 failure: Exception | None, duration: float) -> None:
+        fields: dict[str, Any] = {
+            "queue": self.queue_name,
+            "job_id": ctx.job_id,
+            "attempt": ctx.attempt,
+            "outcome": outcome,
+            "duration_ms": round(duration * 1000, 1),
+        }
+        if job is not None:
+            fields["form_id"] = job.metadata.form_id
+            fields["submission_id"] = job.metadata.submission_id
+        reason = ""
+        if isinstance(failure, PermanentFailure):
+            fields["error_code"] = failure.code
+            reason = failure.reason
+        elif isinstance(failure, RetryLater | BreakerOpen):
+            reason = str(failure)
+        status = getattr(failure, "status", None)
+        if status is not None:
+            fields["status"] = status
+        level = logging.INFO if outcome in ("success", "retry", "delayed") else logging.WARNING
+        log.log(level, "job %s %s%s", ctx.job_id, outcome, f": {_one_line(reason)}" if reason else "",
+                extra=fields)
+
+
+def _attempt_header(headers: Mapping[str, Any] | None) -> int:
+    """Tries already used, from `x-formcraft-attempt` (hostile values count as 0)."""
+    value = (headers or {}).get(ATTEMPT_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_ATTEMPT:
+        return value
+    return 0
+
+
+def _first_seen_ms(message: AbstractIncomingMessage, now_ms: float) -> float:
+    value = (message.headers or {}).get(FIRST_SEEN_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= now_ms:
+        return float(value)
+    if message.timestamp is not None:
+        stamp = message.timestamp
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=dt.UTC)
+        return min(stamp.timestamp() * 1000, now_ms)
+    return now_ms
+
+
+def _carried_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    carried = dict(headers or {})
+    for name in _DROPPED_HEADERS:
+        carried.pop(name, None)
+    return carried
+
+
+def _outgoing(message: AbstractIncomingMessage, job_id: str, body: bytes,
+              headers: dict[str, Any]) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        headers=headers,
+        content_type=message.content_type or "application/json",
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=job_id,
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
+
+
+async def _settle(operation: Any) -> bool:
+    """Await an ack/nack; False when its channel is gone (the broker redelivers)."""
+    try:
+        await operation
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return False
+    except aio_pika.exceptions.MessageProcessError:
+        return False
+    except Exception as exc:
+        log.debug("settling a message failed: %s", exc)
+        return False
+    return True
+
+
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split())[:500]

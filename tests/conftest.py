@@ -1,0 +1,81 @@
+"""Fixtures shared by the whole suite: the real broker, receivers, daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aio_pika
+import pytest
+
+from formcraftd import config
+from formcraftd.daemon import Daemon
+from tests.support import AMQP_URL, Behaviour, Broker, Names, Receiver, ok
+
+
+@pytest.fixture
+def names() -> Names:
+    """Queue and exchange names no other test uses."""
+    return Names()
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[Broker]:
+    """The test's own connection to the real RabbitMQ; deletes tracked queues afterwards."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    broker = Broker(connection)
+    try:
+        yield broker
+    finally:
+        with contextlib.suppress(Exception):
+            await broker.cleanup()
+        await connection.close()
+
+
+ReceiverFactory = Callable[[Behaviour], Awaitable[Receiver]]
+
+
+@pytest.fixture
+async def receiver_factory() -> AsyncIterator[ReceiverFactory]:
+    """Start real webhook receivers on loopback; all are stopped afterwards."""
+    started: list[Receiver] = []
+
+    async def start(behaviour: Behaviour = ok) -> Receiver:
+        receiver = await Receiver(behaviour).start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        await receiver.stop()
+
+
+DaemonFactory = Callable[[config.Config], Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def start_daemon(amqp: Broker) -> AsyncIterator[DaemonFactory]:
+    """Run daemons in this event loop; each is shut down gracefully afterwards."""
+    running: list[tuple[Daemon, asyncio.Task[None]]] = []
+
+    async def start(cfg: config.Config) -> Daemon:
+        amqp.track(cfg)
+        daemon = Daemon(cfg)
+        task = asyncio.create_task(daemon.run())
+        running.append((daemon, task))
+        started = asyncio.create_task(daemon.started.wait())
+        done, _ = await asyncio.wait({task, started}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            started.cancel()
+            task.result()  # raises the start-up error
+        if started not in done:
+            raise TimeoutError("daemon did not start")
+        return daemon
+
+    yield start
+    for daemon, task in running:
+        if not task.done():
+            daemon.request_shutdown()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=30)

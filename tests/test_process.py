@@ -1,0 +1,222 @@
+"""The daemon and the CLI as real processes: signals, exit codes, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from formcraftd.workers.webhook import webhook_id
+from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.support import AMQP_URL, Broker, Names, make_config, webhook_job
+
+pytestmark = [pytest.mark.e2e, pytest.mark.webhook]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(path: Path, names: Names, *, port: int, concurrency: int = 4,
+                 shutdown_timeout_s: float = 10, url: str = AMQP_URL,
+                 connect_timeout_s: float = 10) -> Path:
+    lines = [
+        "[broker]", f'url = "{url}"', f"connect_timeout_s = {connect_timeout_s}",
+        "[http]", 'host = "127.0.0.1"', f"port = {port}",
+        "[daemon]", f"shutdown_timeout_s = {shutdown_timeout_s}",
+        "[monitoring]", "enabled = false",
+        "[retry]", "initial_delay_ms = 100", "max_delay_ms = 800",
+        "[workers.webhook]", f'queue = "{names.queue("webhook")}"',
+        f'dead_letter_exchange = "{names.dlx("webhook")}"', f"concurrency = {concurrency}",
+        'allowed_networks = ["127.0.0.1/32"]',
+    ]
+    for kind in ("email", "sheets"):
+        lines += [f"[workers.{kind}]", "enabled = false", f'queue = "{names.queue(kind)}"',
+                  f'dead_letter_exchange = "{names.dlx(kind)}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "formcraftd", *args],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+async def wait_healthy(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError("daemon never became healthy")
+
+
+async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError("daemon did not exit in time")
+        await asyncio.sleep(0.05)
+    return process.returncode
+
+
+async def test_sigterm_with_jobs_in_flight_loses_nothing(
+    tmp_path: Path, names: Names, amqp: Broker, receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """SIGTERM drains in-flight jobs, exits 0, and a restart delivers every remaining job."""
+
+    async def slow(_request: web.Request, _n: int) -> web.StreamResponse:
+        await asyncio.sleep(0.4)
+        return web.Response(status=200)
+
+    receiver = await receiver_factory(slow)
+    cfg = make_config(names)
+    amqp.track(cfg)
+    port = free_port()
+    config_file = write_config(tmp_path / "config.toml", names, port=port)
+    process = spawn("run", "--config", str(config_file), log=tmp_path / "daemon.log")
+    try:
+        await wait_healthy(port)
+        ids = [await amqp.publish(cfg.workers.webhook.queue,
+                                  webhook_job(receiver.url, submission_id=str(i)))
+               for i in range(20)]
+        await receiver.wait_for(4)
+        process.send_signal(signal.SIGTERM)
+        assert await wait_exit(process, 20) == 0, (tmp_path / "daemon.log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    delivered_before = len(receiver.requests)
+    assert delivered_before < 20
+    await start_daemon(cfg)
+    await receiver.wait_for(20, timeout=30)
+    wanted = {webhook_id(job_id, receiver.url) for job_id in ids}
+    got = {request.headers["webhook-id"] for request in receiver.requests}
+    assert wanted <= got
+    assert await amqp.depth(f"dlq.{cfg.workers.webhook.queue}") == 0
+
+
+async def test_second_signal_forces_a_prompt_exit_and_requeues(
+    tmp_path: Path, names: Names, amqp: Broker, receiver_factory: ReceiverFactory,
+) -> None:
+    """A second SIGTERM stops waiting for slow jobs; they go back to the queue."""
+
+    async def stuck(_request: web.Request, _n: int) -> web.StreamResponse:
+        await asyncio.sleep(30)
+        return web.Response(status=200)
+
+    receiver = await receiver_factory(stuck)
+    cfg = make_config(names)
+    amqp.track(cfg)
+    port = free_port()
+    config_file = write_config(tmp_path / "config.toml", names, port=port,
+                               concurrency=2, shutdown_timeout_s=25)
+    process = spawn("run", "--config", str(config_file), log=tmp_path / "daemon.log")
+    try:
+        await wait_healthy(port)
+        for i in range(2):
+            await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url, submission_id=str(i)))
+        await receiver.wait_for(2)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert process.poll() is None  # still draining
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert await wait_exit(process, 10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        if process.poll() is None:
+            process.kill()
+    deadline = time.monotonic() + 10
+    while await amqp.depth(cfg.workers.webhook.queue) != 2:
+        assert time.monotonic() < deadline, "jobs were not returned to the queue"
+        await asyncio.sleep(0.1)
+
+
+async def test_unreachable_broker_exits_3(tmp_path: Path, names: Names) -> None:
+    """`run` gives up after connect_timeout_s with exit code 3 and one line."""
+    config_file = write_config(tmp_path / "config.toml", names, port=free_port(),
+                               url="amqp://guest:guest@127.0.0.1:1/", connect_timeout_s=1)
+    process = spawn("run", "--config", str(config_file), log=tmp_path / "out.log")
+    assert await wait_exit(process, 30) == 3
+    output = (tmp_path / "out.log").read_text()
+    assert "Traceback" not in output
+    assert "not reachable" in output
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "formcraftd", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})}, check=False)
+
+
+def test_check_config_rejects_an_unknown_key_in_one_line(tmp_path: Path) -> None:
+    """A typo in config.toml is exit 1 with one stderr line naming the key and file."""
+    path = tmp_path / "config.toml"
+    path.write_text("[workers.webhook]\nconcurency = 5\n")
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "workers.webhook.concurency" in result.stderr
+    assert str(path) in result.stderr
+
+
+def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path: Path) -> None:
+    """check-config prints JSON with env overrides applied and passwords masked."""
+    path = tmp_path / "config.toml"
+    path.write_text('[http]\nadmin_token = "hunter2-token"\n')
+    result = run_cli("check-config", "--config", str(path),
+                     env={"RABBITMQ_URL": "amqp://u:sup3rsecret@example.invalid:5672/",
+                          "WEBHOOK_WORKER_CONCURRENCY": "17"})
+    assert result.returncode == 0, result.stderr
+    assert "sup3rsecret" not in result.stdout
+    assert "hunter2-token" not in result.stdout
+    assert '"concurrency": 17' in result.stdout
+
+
+def test_schema_prints_the_job_json_schema() -> None:
+    """`schema webhook` prints a JSON Schema naming the webhook.send discriminator."""
+    result = run_cli("schema", "webhook")
+    assert result.returncode == 0
+    assert "webhook.send" in result.stdout
+
+
+def test_usage_error_exits_2() -> None:
+    """An unknown command is a usage error."""
+    assert run_cli("frobnicate").returncode == 2
+
+
+async def test_enqueue_publishes_a_validated_job(
+    tmp_path: Path, names: Names, amqp: Broker
+) -> None:
+    """`enqueue` validates the file and publishes it to the webhook queue with confirms."""
+    cfg = make_config(names)
+    amqp.track(cfg)
+    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
+    job = tmp_path / "job.json"
+    job.write_bytes(webhook_job("https://example.invalid/hook"))
+    result = await asyncio.to_thread(run_cli, "enqueue", str(job), "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    assert await amqp.depth(cfg.workers.webhook.queue) == 1
+    job.write_text('{"type": "webhook.send"}')
+    bad = await asyncio.to_thread(run_cli, "enqueue", str(job), "--config", str(config_file))
+    assert bad.returncode == 1
+    assert "invalid job" in bad.stderr
