@@ -116,7 +116,7 @@ class Broker:
             for url in urls:
                 try:
                     self._connection = await self._open(url, deadline)
-                except (OSError, aiormq.exceptions.AMQPError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
                     log.warning("broker %s not reachable: %s", mask_url(url), _describe(exc))
                     continue
                 self._connection.close_callbacks.add(self._on_close)

@@ -30,8 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--config", metavar="PATH", default=None,
-                         help="config file (default: $FORMCRAFTD_CONFIG, else ./config.toml)")
+        sub.add_argument(
+            "--config",
+            metavar="PATH",
+            default=None,
+            help="config file (default: $FORMCRAFTD_CONFIG, else ./config.toml)",
+        )
         return sub
 
     with_config(commands.add_parser("run", help="run the daemon"))
@@ -73,7 +77,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    sys.stdout.write(orjson.dumps(jobs.schema(args.kind), option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.write(
+        orjson.dumps(jobs.schema(args.kind), option=orjson.OPT_INDENT_2).decode() + "\n"
+    )
     return EXIT_OK
 
 

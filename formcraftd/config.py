@@ -27,7 +27,9 @@ WORKER_KINDS: tuple[WorkerKind, ...] = ("webhook", "email", "sheets")
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-QueueName = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
+QueueName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 
@@ -263,7 +265,7 @@ def debug_workers(debug: str) -> tuple[str, ...]:
     """The worker kinds that `DEBUG` turns on: `workers:*` = all, `workers:webhook,...`."""
     kinds: list[str] = []
     for item in re.split(r"[,\s]+", debug.strip()):
-        if item == "workers:*" or item == "*":
+        if item in {"workers:*", "*"}:
             return ("*",)
         if item.startswith("workers:"):
             kinds.append(item.removeprefix("workers:"))
@@ -280,7 +282,9 @@ def apply_environment(doc: dict[str, Any], environ: Mapping[str, str]) -> None:
 
 # --- loading -----------------------------------------------------------------
 
-_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`(?: - at `\$(?P<at>[^`]*)`)?")
+_UNKNOWN = re.compile(
+    r"Object contains unknown field `(?P<field>[^`]*)`(?: - at `\$(?P<at>[^`]*)`)?"
+)
 _AT = re.compile(r" - at `\$(?P<at>[^`]*)`$")
 
 
@@ -288,7 +292,7 @@ def _dotted(at: str) -> str:
     return re.sub(r"\[(\d+)\]", r"[\1]", at).lstrip(".")
 
 
-def _explain(error: msgspec.ValidationError, source: str) -> str:
+def _explain(error: msgspec.ValidationError, source: str, environ: Mapping[str, str]) -> str:
     text = str(error)
     unknown = _UNKNOWN.match(text)
     if unknown:
@@ -298,14 +302,22 @@ def _explain(error: msgspec.ValidationError, source: str) -> str:
     at_match = _AT.search(text)
     if at_match:
         key = _dotted(at_match.group("at"))
-        return f"{source}: key {key}: {text[: at_match.start()]}"
+        origin = next(
+            (
+                f" (from environment {name})"
+                for name, (path, _) in _ENV_KEYS.items()
+                if name in environ and ".".join(path) == key
+            ),
+            "",
+        )
+        return f"{source}: key {key}{origin}: {text[: at_match.start()]}"
     return f"{source}: {text}"
 
 
 def _merge_worker_retry(doc: dict[str, Any]) -> None:
     """A `[workers.X.retry]` table overrides `[retry]` key by key."""
     base = doc.get("retry", {})
-    workers = doc.get("workers", {})
+    workers = doc.setdefault("workers", {})
     if not isinstance(base, dict) or not isinstance(workers, dict):
         return
     for kind in WORKER_KINDS:
@@ -339,7 +351,10 @@ def _check_cross_fields(config: Config, source: str) -> None:
     names: dict[str, str] = {}
     for kind in WORKER_KINDS:
         worker = config.worker(kind)
-        for key, name in (("queue", worker.queue), ("dead_letter_exchange", worker.dead_letter_exchange)):
+        for key, name in (
+            ("queue", worker.queue),
+            ("dead_letter_exchange", worker.dead_letter_exchange),
+        ):
             if name in names:
                 raise ConfigError(
                     f"{source}: key workers.{kind}.{key}: {name!r} is already used by {names[name]}"
@@ -376,13 +391,14 @@ def parse_document(
     doc = copy.deepcopy(doc)
     if "source" in doc:
         raise ConfigError(f"{source}: unknown key source")
-    apply_environment(doc, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    apply_environment(doc, environ)
     _merge_worker_retry(doc)
     doc["source"] = source
     try:
         config = msgspec.convert(doc, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, source)) from None
+        raise ConfigError(_explain(exc, source, environ)) from None
     _check_cross_fields(config, source)
     return _resolve_paths(config, base_dir or Path.cwd())
 

@@ -17,13 +17,18 @@ from typing import Any, Literal
 
 import aio_pika
 import msgspec
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustQueue,
+)
 
 from formcraftd import jobs
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import WorkerTopology, declare_consumer_queue
 from formcraftd.config import AnyWorkerConfig, BreakerConfig, DaemonConfig
-from formcraftd.errors import BreakerOpen, ErrorCode, PermanentFailure, RetryLater
+from formcraftd.errors import BreakerOpen, PermanentFailure, RetryLater
 from formcraftd.jobs import Handler, Job, JobContext, JobInvalid
 from formcraftd.limits import ResizableLimiter
 from formcraftd.metrics import QueueMetrics
@@ -33,9 +38,15 @@ log = logging.getLogger("formcraftd.consumer")
 
 ATTEMPT_HEADER = "x-formcraft-attempt"
 FIRST_SEEN_HEADER = "x-formcraft-first-seen"
-_DROPPED_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
-                    "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
-                    "x-last-death-reason")
+_DROPPED_HEADERS = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+)
 _MAX_ATTEMPT = 1_000_000
 _JOB_CLASSES = (jobs.WebhookJob, jobs.EmailJob, jobs.SheetsJob)
 
@@ -129,8 +140,9 @@ class Consumer:
         if self.state == "paused":
             await self._subscribe()
 
-    def reconfigure(self, worker: AnyWorkerConfig, breaker_config: BreakerConfig,
-                    daemon_config: DaemonConfig) -> None:
+    def reconfigure(
+        self, worker: AnyWorkerConfig, breaker_config: BreakerConfig, daemon_config: DaemonConfig
+    ) -> None:
         """Apply live settings: concurrency, retry schedule, breaker and size limits."""
         self._worker = worker
         self._schedule = RetrySchedule.from_config(worker.retry)
@@ -163,14 +175,21 @@ class Consumer:
     async def _drain(self) -> None:
         """Wait for in-flight jobs until the deadline (which a forced stop moves to now)."""
         if self._running:
-            log.info("%s: waiting up to %.1f s for %d in-flight jobs", self.queue_name,
-                     max(0.0, self._deadline - time.monotonic()), len(self._running))
+            log.info(
+                "%s: waiting up to %.1f s for %d in-flight jobs",
+                self.queue_name,
+                max(0.0, self._deadline - time.monotonic()),
+                len(self._running),
+            )
         while self._running and (remaining := self._deadline - time.monotonic()) > 0:
             await asyncio.wait(list(self._running), timeout=min(remaining, 0.1))
         late = [task for task in self._running if not task.done()]
         if late:
-            log.warning("%s: %d jobs still running at the deadline; returning them to the queue",
-                        self.queue_name, len(late))
+            log.warning(
+                "%s: %d jobs still running at the deadline; returning them to the queue",
+                self.queue_name,
+                len(late),
+            )
             for task in late:
                 task.cancel()
 
@@ -197,7 +216,9 @@ class Consumer:
             log.exception("unexpected error handling a message from %s", self.queue_name)
             await _settle(message.nack(requeue=True))
 
-    async def _process_message(self, message: AbstractIncomingMessage, task: asyncio.Task[None]) -> None:
+    async def _process_message(
+        self, message: AbstractIncomingMessage, task: asyncio.Task[None]
+    ) -> None:
         job_id = jobs.job_id_for(message.message_id, message.body)
         tries_before = _attempt_header(message.headers)
         job = self._decode(message, job_id)
@@ -222,14 +243,17 @@ class Consumer:
         limit = self._daemon_config.max_message_bytes
         try:
             if len(message.body) > limit:
-                raise JobInvalid(f"message is {len(message.body)} bytes, over the {limit} byte limit")
+                raise JobInvalid(
+                    f"message is {len(message.body)} bytes, over the {limit} byte limit"
+                )
             job = jobs.decode(message.body)
             if type(job) is not self.handler.job_type:
                 raise JobInvalid(f"a {jobs.kind_of(job)} job does not belong on {self.queue_name}")
         except JobInvalid as exc:
             failure = PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False)
-            ctx = JobContext(job_id=job_id, attempt=_attempt_header(message.headers) + 1,
-                             queue=self.queue_name)
+            ctx = JobContext(
+                job_id=job_id, attempt=_attempt_header(message.headers) + 1, queue=self.queue_name
+            )
             assert self._tg is not None
             self._tg.create_task(self._settle_outcome(message, None, ctx, failure, 0.0))
             return None
@@ -258,7 +282,9 @@ class Consumer:
             raise
         except Exception as exc:
             breaker.release()
-            log.exception("handler for %s raised unexpectedly (job %s)", self.queue_name, ctx.job_id)
+            log.exception(
+                "handler for %s raised unexpectedly (job %s)", self.queue_name, ctx.job_id
+            )
             return RetryLater(f"internal error: {type(exc).__name__}")
         breaker.record_success()
         return None
@@ -274,18 +300,25 @@ class Consumer:
         duration: float,
     ) -> None:
         try:
-            outcome = await self._publish_outcome(message, job, ctx, failure)
+            outcome, final = await self._publish_outcome(message, job, ctx, failure)
         except Exception as exc:
-            log.error("%s: could not publish the outcome of job %s (%s); returning it to the queue",
-                      self.queue_name, ctx.job_id, _one_line(exc))
+            log.error(
+                "%s: could not publish the outcome of job %s (%s); returning it to the queue",
+                self.queue_name,
+                ctx.job_id,
+                _one_line(exc),
+            )
             await _settle(message.nack(requeue=True))
             return
         if not await _settle(message.ack()):
-            log.warning("%s: ack of job %s lost with its channel; the broker will redeliver it",
-                        self.queue_name, ctx.job_id)
+            log.warning(
+                "%s: ack of job %s lost with its channel; the broker will redeliver it",
+                self.queue_name,
+                ctx.job_id,
+            )
         if job is not None and not isinstance(failure, BreakerOpen):
             self._metrics.duration.observe(duration)
-        self._log_job(job, ctx, outcome, failure, duration)
+        self._log_job(job, ctx, outcome, final, duration)
 
     async def _publish_outcome(
         self,
@@ -293,16 +326,17 @@ class Consumer:
         job: Job | None,
         ctx: JobContext,
         failure: Exception | None,
-    ) -> str:
+    ) -> tuple[str, Exception | None]:
+        """Publish where the job goes next; the outcome and the failure that decided it."""
         if failure is None:
             self._metrics.success.inc()
-            return "success"
+            return "success", None
         if isinstance(failure, BreakerOpen):
             return await self._delay_for_breaker(message, ctx, failure)
         if isinstance(failure, RetryLater) and self._schedule.tries_left(ctx.attempt):
             await self._retry(message, job, ctx, failure)
             self._metrics.retry.inc()
-            return "retry"
+            return "retry", failure
         if isinstance(failure, RetryLater):
             failure = PermanentFailure(
                 "RETRIES_EXHAUSTED",
@@ -310,12 +344,17 @@ class Consumer:
                 status=failure.status,
             )
         assert isinstance(failure, PermanentFailure)
-        await self._dead_letter(message, ctx, failure.code, failure.reason, ctx.attempt, failure.status)
+        await self._dead_letter(message, ctx, failure, ctx.attempt)
         self._metrics.dead_letter.inc()
-        return "dead_letter"
+        return "dead_letter", failure
 
-    async def _retry(self, message: AbstractIncomingMessage, job: Job | None,
-                     ctx: JobContext, failure: RetryLater) -> None:
+    async def _retry(
+        self,
+        message: AbstractIncomingMessage,
+        job: Job | None,
+        ctx: JobContext,
+        failure: RetryLater,
+    ) -> None:
         delay = self._schedule.delay_ms(ctx.attempt)
         if failure.after is not None:
             delay = max(delay, round(failure.after * 1000))
@@ -329,49 +368,73 @@ class Consumer:
         headers[ATTEMPT_HEADER] = ctx.attempt
         await self._publish_to_tier(message, ctx, body, headers, tier)
 
-    async def _delay_for_breaker(self, message: AbstractIncomingMessage, ctx: JobContext,
-                                 failure: BreakerOpen) -> str:
+    async def _delay_for_breaker(
+        self, message: AbstractIncomingMessage, ctx: JobContext, failure: BreakerOpen
+    ) -> tuple[str, Exception]:
         now_ms = time.time() * 1000
         first_seen = _first_seen_ms(message, now_ms)
         if now_ms - first_seen > self._breaker_config.max_job_age_ms:
-            await self._dead_letter(message, ctx, "BREAKER_OPEN",
-                                    f"{failure} for longer than the job may wait",
-                                    ctx.attempt - 1, None)
+            expired = PermanentFailure(
+                "BREAKER_OPEN", f"{failure} for longer than the job may wait", reached_service=False
+            )
+            await self._dead_letter(message, ctx, expired, ctx.attempt - 1)
             self._metrics.dead_letter.inc()
-            return "dead_letter"
+            return "dead_letter", expired
         headers = _carried_headers(message.headers)
         headers[ATTEMPT_HEADER] = ctx.attempt - 1
         headers[FIRST_SEEN_HEADER] = int(first_seen)
         tier = self._schedule.nearest_tier(failure.remaining * 1000)
         await self._publish_to_tier(message, ctx, message.body, headers, tier)
         self._metrics.delayed.inc()
-        return "delayed"
+        return "delayed", failure
 
-    async def _publish_to_tier(self, message: AbstractIncomingMessage, ctx: JobContext,
-                               body: bytes, headers: dict[str, Any], tier: int) -> None:
+    async def _publish_to_tier(
+        self,
+        message: AbstractIncomingMessage,
+        ctx: JobContext,
+        body: bytes,
+        headers: dict[str, Any],
+        tier: int,
+    ) -> None:
         outgoing = _outgoing(message, ctx.job_id, body, headers)
         await self._channel.default_exchange.publish(
             outgoing, routing_key=retry_queue_name(self.queue_name, tier), mandatory=True
         )
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, ctx: JobContext,
-                           code: ErrorCode, reason: str, attempts: int, status: int | None) -> None:
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        ctx: JobContext,
+        failure: PermanentFailure,
+        attempts: int,
+    ) -> None:
         headers = _carried_headers(message.headers)
-        headers.update({
-            "x-formcraft-error-code": code,
-            "x-formcraft-error": _one_line(reason),
-            "x-formcraft-attempts": attempts,
-            "x-formcraft-queue": self.queue_name,
-            "x-formcraft-failed-at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-        })
-        if status is not None:
-            headers["x-formcraft-last-status"] = status
+        headers.update(
+            {
+                "x-formcraft-error-code": failure.code,
+                "x-formcraft-error": _one_line(failure.reason),
+                "x-formcraft-attempts": attempts,
+                "x-formcraft-queue": self.queue_name,
+                "x-formcraft-failed-at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            }
+        )
+        if failure.status is not None:
+            headers["x-formcraft-last-status"] = failure.status
         assert self._dead_letter_exchange is not None
-        await self._dead_letter_exchange.publish(_outgoing(message, ctx.job_id, message.body, headers),
-                               routing_key=self.queue_name, mandatory=True)
+        await self._dead_letter_exchange.publish(
+            _outgoing(message, ctx.job_id, message.body, headers),
+            routing_key=self.queue_name,
+            mandatory=True,
+        )
 
-    def _log_job(self, job: Job | None, ctx: JobContext, outcome: str,
-                 failure: Exception | None, duration: float) -> None:
+    def _log_job(
+        self,
+        job: Job | None,
+        ctx: JobContext,
+        outcome: str,
+        failure: Exception | None,
+        duration: float,
+    ) -> None:
         fields: dict[str, Any] = {
             "queue": self.queue_name,
             "job_id": ctx.job_id,
@@ -392,8 +455,14 @@ class Consumer:
         if status is not None:
             fields["status"] = status
         level = logging.INFO if outcome in ("success", "retry", "delayed") else logging.WARNING
-        log.log(level, "job %s %s%s", ctx.job_id, outcome, f": {_one_line(reason)}" if reason else "",
-                extra=fields)
+        log.log(
+            level,
+            "job %s %s%s",
+            ctx.job_id,
+            outcome,
+            f": {_one_line(reason)}" if reason else "",
+            extra=fields,
+        )
 
 
 def _attempt_header(headers: Mapping[str, Any] | None) -> int:
@@ -423,8 +492,9 @@ def _carried_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return carried
 
 
-def _outgoing(message: AbstractIncomingMessage, job_id: str, body: bytes,
-              headers: dict[str, Any]) -> aio_pika.Message:
+def _outgoing(
+    message: AbstractIncomingMessage, job_id: str, body: bytes, headers: dict[str, Any]
+) -> aio_pika.Message:
     return aio_pika.Message(
         body,
         headers=headers,

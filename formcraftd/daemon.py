@@ -52,7 +52,11 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics(__version__)
-        self.breakers = BreakerRegistry(config.breaker, on_change=self.metrics.breaker_changed)
+        self.breakers = BreakerRegistry(
+            config.breaker,
+            on_change=self.metrics.breaker_changed,
+            on_evict=self.metrics.breaker_evicted,
+        )
         self.broker = Broker(config.broker, on_state=self._broker_state_changed)
         self.consumers: dict[str, Consumer] = {}
         self.http_runner: web.AppRunner | None = None
@@ -95,8 +99,11 @@ class Daemon:
                     await consumer.subscribed.wait()
                 self.started.set()
                 systemd.notify("READY=1")
-                log.info("formcraftd %s consuming %s", __version__,
-                         ", ".join(self.consumers) or "nothing")
+                log.info(
+                    "formcraftd %s consuming %s",
+                    __version__,
+                    ", ".join(self.consumers) or "nothing",
+                )
                 watchdog = tg.create_task(self._watchdog(), name="watchdog")
                 await self._should_exit.wait()
                 systemd.notify("STOPPING=1")
@@ -116,8 +123,11 @@ class Daemon:
         for kind, worker in self.config.enabled_workers():
             handler = build_handler(kind, worker)
             if handler is None:
-                log.warning("the %s worker is not available in this version; %s is not consumed",
-                            kind, worker.queue)
+                log.warning(
+                    "the %s worker is not available in this version; %s is not consumed",
+                    kind,
+                    worker.queue,
+                )
                 continue
             topology = WorkerTopology.build(worker, self.config.broker)
             await self.broker.declare(topology)

@@ -72,9 +72,17 @@ class EmailAttachment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class EmailPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    to: Annotated[list[Annotated[str, msgspec.Meta(max_length=320)]], msgspec.Meta(min_length=1, max_length=1000)]
+    to: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=320)]],
+        msgspec.Meta(min_length=1, max_length=1000),
+    ]
     subject: Annotated[str, msgspec.Meta(max_length=4096)]
-    template: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_./-]*$")]
+    template: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1, max_length=200, pattern=r"^(?!.*\.\.)[A-Za-z0-9_-][A-Za-z0-9_./-]*$"
+        ),
+    ]
     data: dict[str, Any] = {}
     attachments: Annotated[list[EmailAttachment], msgspec.Meta(max_length=50)] = []
 
@@ -94,9 +102,14 @@ class SheetsAuth(msgspec.Struct, frozen=True):
 
 
 class SheetsPayload(msgspec.Struct, frozen=True, rename={"spreadsheet_id": "spreadsheetId"}):
-    spreadsheet_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
+    spreadsheet_id: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")
+    ]
     range: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
-    values: Annotated[list[Annotated[list[Any], msgspec.Meta(max_length=1000)]], msgspec.Meta(min_length=1, max_length=10_000)]
+    values: Annotated[
+        list[Annotated[list[Any], msgspec.Meta(max_length=1000)]],
+        msgspec.Meta(min_length=1, max_length=10_000),
+    ]
     auth: SheetsAuth
 
 
@@ -124,8 +137,10 @@ def decode(body: bytes) -> Job:
         return _decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise JobInvalid(_one_line(str(exc))) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise JobInvalid(f"not valid JSON: {_one_line(str(exc))}") from None
+    except RecursionError:
+        raise JobInvalid("JSON nested too deeply") from None
 
 
 def encode(job: Job) -> bytes:

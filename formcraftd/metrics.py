@@ -7,6 +7,7 @@ kept (`QueueMetrics`): the hot path never formats label strings.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -56,13 +57,19 @@ class Metrics:
             "formcraftd_jobs_in_flight", "Jobs being handled now.", ["queue"], registry=r
         )
         self.concurrency_limit = Gauge(
-            "formcraftd_concurrency_limit", "Concurrency limit of each queue.", ["queue"], registry=r
+            "formcraftd_concurrency_limit",
+            "Concurrency limit of each queue.",
+            ["queue"],
+            registry=r,
         )
         self.queue_depth = Gauge(
             "formcraftd_queue_depth", "Messages ready in the main queue.", ["queue"], registry=r
         )
         self.dead_letter_depth = Gauge(
-            "formcraftd_dead_letter_depth", "Messages in the dead-letter queue.", ["queue"], registry=r
+            "formcraftd_dead_letter_depth",
+            "Messages in the dead-letter queue.",
+            ["queue"],
+            registry=r,
         )
         self.job_duration = Histogram(
             "formcraftd_job_duration_seconds",
@@ -109,6 +116,11 @@ class Metrics:
 
     def breaker_changed(self, key: str, state: BreakerState) -> None:
         self.breaker_state.labels(key).set(STATE_VALUES[state])
+
+    def breaker_evicted(self, key: str) -> None:
+        """Forget a breaker the registry dropped, so the label set stays bounded."""
+        with contextlib.suppress(KeyError):
+            self.breaker_state.remove(key)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

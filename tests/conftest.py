@@ -65,7 +65,9 @@ async def start_daemon(amqp: Broker) -> AsyncIterator[DaemonFactory]:
         task = asyncio.create_task(daemon.run())
         running.append((daemon, task))
         started = asyncio.create_task(daemon.started.wait())
-        done, _ = await asyncio.wait({task, started}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {task, started}, timeout=20, return_when=asyncio.FIRST_COMPLETED
+        )
         if task in done:
             started.cancel()
             task.result()  # raises the start-up error

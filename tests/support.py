@@ -129,12 +129,25 @@ def make_config(names: Names, **sections: dict[str, Any]) -> config.Config:
     return config.parse_document(doc, source="test", environ={})
 
 
-def webhook_job(url: str, *, body: Any = None, secret: str = "whsec_dGVzdC1zZWNyZXQ=",
-                form_id: str = "form-1", submission_id: str = "sub-1", **payload: Any) -> bytes:
+def webhook_job(
+    url: str,
+    *,
+    body: Any = None,
+    secret: str = "whsec_dGVzdC1zZWNyZXQ=",
+    form_id: str = "form-1",
+    submission_id: str = "sub-1",
+    **payload: Any,
+) -> bytes:
     job = {
         "type": "webhook.send",
-        "payload": {"url": url, "method": "POST", "headers": {}, "body": body or {"answer": 42},
-                    "secret": secret, **payload},
+        "payload": {
+            "url": url,
+            "method": "POST",
+            "headers": {},
+            "body": body or {"answer": 42},
+            "secret": secret,
+            **payload,
+        },
         "metadata": {"formId": form_id, "submissionId": submission_id, "retryCount": 0},
     }
     return orjson.dumps(job)
@@ -147,21 +160,33 @@ class Broker:
         self.connection = connection
         self._declared: list[WorkerTopology] = []
 
-    async def publish(self, queue: str, body: bytes, *, message_id: str | None = None,
-                      headers: dict[str, Any] | None = None) -> str:
+    async def publish(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> str:
         channel = await self.connection.channel(publisher_confirms=True)
         try:
             job_id = message_id or uuid.uuid4().hex
             await channel.default_exchange.publish(
-                aio_pika.Message(body, message_id=job_id, headers=headers or {},
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                aio_pika.Message(
+                    body,
+                    message_id=job_id,
+                    headers=headers or {},
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
                 routing_key=queue,
             )
         finally:
             await channel.close()
         return job_id
 
-    async def take(self, queue: str, count: int, timeout: float = 15.0) -> list[AbstractIncomingMessage]:
+    async def take(
+        self, queue: str, count: int, timeout: float = 15.0
+    ) -> list[AbstractIncomingMessage]:
         """Take (and ack) `count` messages from `queue`, polling until `timeout`."""
         channel = await self.connection.channel()
         taken: list[AbstractIncomingMessage] = []

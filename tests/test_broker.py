@@ -30,7 +30,10 @@ def test_topology_has_one_wait_queue_per_delay_tier(names: Names) -> None:
     assert wait["x-message-ttl"] == 1000
     assert wait["x-dead-letter-exchange"] == ""
     assert wait["x-dead-letter-routing-key"] == queue
-    assert topology.main.arguments["x-dead-letter-exchange"] == cfg.workers.webhook.dead_letter_exchange
+    assert (
+        topology.main.arguments["x-dead-letter-exchange"]
+        == cfg.workers.webhook.dead_letter_exchange
+    )
     assert topology.dead_letter_queue.name == f"dlq.{queue}"
 
 
@@ -53,12 +56,15 @@ async def test_declare_creates_every_entity(names: Names, amqp: Broker) -> None:
 async def test_a_clashing_queue_is_a_clear_start_up_error(
     names: Names, amqp: Broker, start_daemon: DaemonFactory
 ) -> None:
-    """A main queue that exists with another dead-letter exchange names the queue and the argument."""
+    """A main queue with another dead-letter exchange names the queue and the argument."""
     cfg = make_config(names)
     amqp.track(cfg)
     channel = await amqp.connection.channel()
-    await channel.declare_queue(cfg.workers.webhook.queue, durable=True,
-                                arguments={"x-dead-letter-exchange": "somewhere.else"})
+    await channel.declare_queue(
+        cfg.workers.webhook.queue,
+        durable=True,
+        arguments={"x-dead-letter-exchange": "somewhere.else"},
+    )
     await channel.close()
     with pytest.raises(TopologyError) as caught:
         await start_daemon(cfg)
@@ -69,8 +75,9 @@ async def test_a_clashing_queue_is_a_clear_start_up_error(
 
 async def test_unreachable_broker_raises_after_the_connect_timeout(names: Names) -> None:
     """No broker on the port: BrokerUnreachable once connect_timeout_s has passed."""
-    cfg = make_config(names, broker={"url": "amqp://guest:secretpw@127.0.0.1:1/",
-                                     "connect_timeout_s": 0.5})
+    cfg = make_config(
+        names, broker={"url": "amqp://guest:secretpw@127.0.0.1:1/", "connect_timeout_s": 0.5}
+    )
     broker = DaemonBroker(cfg.broker)
     with pytest.raises(BrokerUnreachable) as caught:
         await broker.connect()
@@ -91,8 +98,12 @@ async def test_quorum_queues_work_end_to_end(
     await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url))
     await receiver.wait_for(2)
     listing = await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "-q", "list_queues", "name", "type", "--formatter", "json"],
-        capture_output=True, text=True, timeout=60, check=True,
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_queues", "name", "type", "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     types = {q["name"]: q["type"] for q in json.loads(listing.stdout)}
     topology = WorkerTopology.build(cfg.workers.webhook, cfg.broker)

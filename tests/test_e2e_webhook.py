@@ -151,8 +151,11 @@ async def test_timeout_is_retried_then_dead_lettered(
         (b"not json at all", "JSON"),
         (b'{"type": "webhook.send", "payload": {}}', "payload"),
         (b'{"type": "fax.send", "payload": {}, "metadata": {}}', "type"),
-        (b'{"type": "email.send", "payload": {"to": ["a@example.com"], "subject": "s",'
-         b' "template": "t"}, "metadata": {"formId": "f", "submissionId": "s"}}', "does not belong"),
+        (
+            b'{"type": "email.send", "payload": {"to": ["a@example.com"], "subject": "s",'
+            b' "template": "t"}, "metadata": {"formId": "f", "submissionId": "s"}}',
+            "does not belong",
+        ),
         (b"\xff\xfe\x00garbage", "JSON"),
         (b'{"x": "' + b"a" * 5000 + b'"}', "byte limit"),
     ],
@@ -211,7 +214,9 @@ async def test_open_breaker_delays_jobs_without_using_their_tries(
     assert len(receiver.requests) == 4
     assert await amqp.depth(f"dlq.{cfg.workers.webhook.queue}") == 0
     metrics = daemon.render_metrics().decode()
-    assert f'formcraftd_jobs_total{{outcome="delayed",queue="{cfg.workers.webhook.queue}"}}' in metrics
+    assert (
+        f'formcraftd_jobs_total{{outcome="delayed",queue="{cfg.workers.webhook.queue}"}}' in metrics
+    )
 
 
 async def test_breaker_open_past_max_job_age_dead_letters_the_job(
@@ -250,9 +255,13 @@ async def test_healthz_and_metrics_answer(
             text = await response.text()
     assert body["broker"]["connected"] is True
     assert body["queues"][cfg.workers.webhook.queue]["consuming"] is True
-    for family in ("formcraftd_jobs_in_flight", "formcraftd_concurrency_limit",
-                   "formcraftd_broker_connected 1.0", "formcraftd_build_info",
-                   "process_resident_memory_bytes"):
+    for family in (
+        "formcraftd_jobs_in_flight",
+        "formcraftd_concurrency_limit",
+        "formcraftd_broker_connected 1.0",
+        "formcraftd_build_info",
+        "process_resident_memory_bytes",
+    ):
         assert family in text
 
 
@@ -275,7 +284,9 @@ async def test_concurrency_limit_is_never_exceeded(
     cfg = make_config(names, webhook={"concurrency": 3})
     await start_daemon(cfg)
     for i in range(30):
-        await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url, submission_id=str(i)))
+        await amqp.publish(
+            cfg.workers.webhook.queue, webhook_job(receiver.url, submission_id=str(i))
+        )
     await receiver.wait_for(30)
     assert peak == 3
 

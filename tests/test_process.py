@@ -28,30 +28,52 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(path: Path, names: Names, *, port: int, concurrency: int = 4,
-                 shutdown_timeout_s: float = 10, url: str = AMQP_URL,
-                 connect_timeout_s: float = 10) -> Path:
+def write_config(
+    path: Path,
+    names: Names,
+    *,
+    port: int,
+    concurrency: int = 4,
+    shutdown_timeout_s: float = 10,
+    url: str = AMQP_URL,
+    connect_timeout_s: float = 10,
+) -> Path:
     lines = [
-        "[broker]", f'url = "{url}"', f"connect_timeout_s = {connect_timeout_s}",
-        "[http]", 'host = "127.0.0.1"', f"port = {port}",
-        "[daemon]", f"shutdown_timeout_s = {shutdown_timeout_s}",
-        "[monitoring]", "enabled = false",
-        "[retry]", "initial_delay_ms = 100", "max_delay_ms = 800",
-        "[workers.webhook]", f'queue = "{names.queue("webhook")}"',
-        f'dead_letter_exchange = "{names.dlx("webhook")}"', f"concurrency = {concurrency}",
+        "[broker]",
+        f'url = "{url}"',
+        f"connect_timeout_s = {connect_timeout_s}",
+        "[http]",
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        "[daemon]",
+        f"shutdown_timeout_s = {shutdown_timeout_s}",
+        "[monitoring]",
+        "enabled = false",
+        "[retry]",
+        "initial_delay_ms = 100",
+        "max_delay_ms = 800",
+        "[workers.webhook]",
+        f'queue = "{names.queue("webhook")}"',
+        f'dead_letter_exchange = "{names.dlx("webhook")}"',
+        f"concurrency = {concurrency}",
         'allowed_networks = ["127.0.0.1/32"]',
     ]
     for kind in ("email", "sheets"):
-        lines += [f"[workers.{kind}]", "enabled = false", f'queue = "{names.queue(kind)}"',
-                  f'dead_letter_exchange = "{names.dlx(kind)}"']
+        lines += [
+            f"[workers.{kind}]",
+            "enabled = false",
+            f'queue = "{names.queue(kind)}"',
+            f'dead_letter_exchange = "{names.dlx(kind)}"',
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "formcraftd", *args],
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "formcraftd", *args], stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 async def wait_healthy(port: int, timeout: float = 20.0) -> None:
@@ -79,7 +101,10 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 async def test_sigterm_with_jobs_in_flight_loses_nothing(
-    tmp_path: Path, names: Names, amqp: Broker, receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
     start_daemon: DaemonFactory,
 ) -> None:
     """SIGTERM drains in-flight jobs, exits 0, and a restart delivers every remaining job."""
@@ -96,9 +121,12 @@ async def test_sigterm_with_jobs_in_flight_loses_nothing(
     process = spawn("run", "--config", str(config_file), log=tmp_path / "daemon.log")
     try:
         await wait_healthy(port)
-        ids = [await amqp.publish(cfg.workers.webhook.queue,
-                                  webhook_job(receiver.url, submission_id=str(i)))
-               for i in range(20)]
+        ids = [
+            await amqp.publish(
+                cfg.workers.webhook.queue, webhook_job(receiver.url, submission_id=str(i))
+            )
+            for i in range(20)
+        ]
         await receiver.wait_for(4)
         process.send_signal(signal.SIGTERM)
         assert await wait_exit(process, 20) == 0, (tmp_path / "daemon.log").read_text()
@@ -116,7 +144,10 @@ async def test_sigterm_with_jobs_in_flight_loses_nothing(
 
 
 async def test_second_signal_forces_a_prompt_exit_and_requeues(
-    tmp_path: Path, names: Names, amqp: Broker, receiver_factory: ReceiverFactory,
+    tmp_path: Path,
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
 ) -> None:
     """A second SIGTERM stops waiting for slow jobs; they go back to the queue."""
 
@@ -128,13 +159,16 @@ async def test_second_signal_forces_a_prompt_exit_and_requeues(
     cfg = make_config(names)
     amqp.track(cfg)
     port = free_port()
-    config_file = write_config(tmp_path / "config.toml", names, port=port,
-                               concurrency=2, shutdown_timeout_s=25)
+    config_file = write_config(
+        tmp_path / "config.toml", names, port=port, concurrency=2, shutdown_timeout_s=25
+    )
     process = spawn("run", "--config", str(config_file), log=tmp_path / "daemon.log")
     try:
         await wait_healthy(port)
         for i in range(2):
-            await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url, submission_id=str(i)))
+            await amqp.publish(
+                cfg.workers.webhook.queue, webhook_job(receiver.url, submission_id=str(i))
+            )
         await receiver.wait_for(2)
         process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
@@ -154,8 +188,13 @@ async def test_second_signal_forces_a_prompt_exit_and_requeues(
 
 async def test_unreachable_broker_exits_3(tmp_path: Path, names: Names) -> None:
     """`run` gives up after connect_timeout_s with exit code 3 and one line."""
-    config_file = write_config(tmp_path / "config.toml", names, port=free_port(),
-                               url="amqp://guest:guest@127.0.0.1:1/", connect_timeout_s=1)
+    config_file = write_config(
+        tmp_path / "config.toml",
+        names,
+        port=free_port(),
+        url="amqp://guest:guest@127.0.0.1:1/",
+        connect_timeout_s=1,
+    )
     process = spawn("run", "--config", str(config_file), log=tmp_path / "out.log")
     assert await wait_exit(process, 30) == 3
     output = (tmp_path / "out.log").read_text()
@@ -164,8 +203,14 @@ async def test_unreachable_broker_exits_3(tmp_path: Path, names: Names) -> None:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "formcraftd", *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "formcraftd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def test_check_config_rejects_an_unknown_key_in_one_line(tmp_path: Path) -> None:
@@ -183,9 +228,15 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path: 
     """check-config prints JSON with env overrides applied and passwords masked."""
     path = tmp_path / "config.toml"
     path.write_text('[http]\nadmin_token = "hunter2-token"\n')
-    result = run_cli("check-config", "--config", str(path),
-                     env={"RABBITMQ_URL": "amqp://u:sup3rsecret@example.invalid:5672/",
-                          "WEBHOOK_WORKER_CONCURRENCY": "17"})
+    result = run_cli(
+        "check-config",
+        "--config",
+        str(path),
+        env={
+            "RABBITMQ_URL": "amqp://u:sup3rsecret@example.invalid:5672/",
+            "WEBHOOK_WORKER_CONCURRENCY": "17",
+        },
+    )
     assert result.returncode == 0, result.stderr
     assert "sup3rsecret" not in result.stdout
     assert "hunter2-token" not in result.stdout
