@@ -6,13 +6,17 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import io
+import subprocess
 import time
 
 import aiohttp
+import msgspec
 import orjson
 import pytest
 from aiohttp import web
 
+from formcraftd import logs
 from formcraftd.web import bound_port
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
@@ -297,3 +301,61 @@ async def _until(probe, expected, timeout: float = 10.0) -> None:  # type: ignor
         if time.monotonic() > deadline:
             raise AssertionError(f"{value!r} != {expected!r} after {timeout} s")
         await asyncio.sleep(0.05)
+
+
+async def test_no_secret_reaches_logs_or_dead_letter_headers(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """At debug level, across success, retry, dead letter and SSRF, no secret is written."""
+    stream = io.StringIO()
+    cfg = make_config(names, retry={"attempts": 2})
+    logs.configure(msgspec.structs.replace(cfg.logging, debug_workers=("*",)), stream=stream)
+    try:
+        ok = await receiver_factory(status(200))
+        failing = await receiver_factory(status(500))
+        await start_daemon(cfg)
+        queue = cfg.workers.webhook.queue
+        sensitive_url = f"{failing.url}?token=querysecret"
+        await amqp.publish(queue, webhook_job(ok.url, secret=SECRET))
+        await amqp.publish(queue, webhook_job(sensitive_url, secret=SECRET))
+        await amqp.publish(queue, webhook_job("http://10.1.2.3/hook", secret=SECRET))
+        dead = await amqp.take(f"dlq.{queue}", 2)
+        await ok.wait_for(1)
+    finally:
+        logs.reset()
+    key = SECRET.removeprefix("whsec_")
+    signature = ok.requests[0].headers["webhook-signature"].removeprefix("v1,")
+    written = stream.getvalue() + "".join(str(message.headers) for message in dead)
+    assert "job " in stream.getvalue()
+    for secret in (SECRET, key, signature, "querysecret"):
+        assert secret not in written
+
+
+async def test_broker_connection_loss_turns_health_503_and_back(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """When RabbitMQ drops the connection, health fails, the daemon reconnects and delivers."""
+    receiver = await receiver_factory(status(200))
+    cfg = make_config(names)
+    daemon = await start_daemon(cfg)
+    try:
+        await asyncio.to_thread(
+            subprocess.run,
+            ["rabbitmqctl", "-q", "close_all_connections", "formcraftd connection test"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 10
+        while daemon.health()[0]:
+            assert time.monotonic() < deadline, "health never noticed the lost connection"
+            await asyncio.sleep(0.02)
+        while not daemon.health()[0]:
+            assert time.monotonic() < deadline + 20, "the daemon never recovered"
+            await asyncio.sleep(0.1)
+    finally:
+        # whatever happened, wait for our own robust connection to be back
+        await amqp.connection.connected.wait()
+    await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url))
+    await receiver.wait_for(1)
+    assert "formcraftd_reconnects_total 1.0" in daemon.render_metrics().decode()
