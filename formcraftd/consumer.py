@@ -88,8 +88,9 @@ class Consumer:
         self._stop = asyncio.Event()
         self.subscribed = asyncio.Event()
         self._deadline = 0.0
-        self._waiting: set[asyncio.Task[None]] = set()
-        self._running: dict[asyncio.Task[None], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # every message not yet settled
+        self._waiting: set[asyncio.Task[None]] = set()  # ... of which waiting for a slot
+        self._running: dict[asyncio.Task[None], float] = {}  # ... of which in a handler
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -173,24 +174,23 @@ class Consumer:
             task.cancel()
 
     async def _drain(self) -> None:
-        """Wait for in-flight jobs until the deadline (which a forced stop moves to now)."""
-        if self._running:
+        """Wait for unsettled jobs until the deadline (which a forced stop moves to now)."""
+        if self._tasks:
             log.info(
                 "%s: waiting up to %.1f s for %d in-flight jobs",
                 self.queue_name,
                 max(0.0, self._deadline - time.monotonic()),
-                len(self._running),
+                len(self._tasks),
             )
-        while self._running and (remaining := self._deadline - time.monotonic()) > 0:
-            await asyncio.wait(list(self._running), timeout=min(remaining, 0.1))
-        late = [task for task in self._running if not task.done()]
-        if late:
+        while self._tasks and (remaining := self._deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self._tasks), timeout=min(remaining, 0.1))
+        if self._tasks:
             log.warning(
                 "%s: %d jobs still running at the deadline; returning them to the queue",
                 self.queue_name,
-                len(late),
+                len(self._tasks),
             )
-            for task in late:
+            for task in self._tasks:
                 task.cancel()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -198,7 +198,9 @@ class Consumer:
             await _settle(message.nack(requeue=True))
             return
         task = self._tg.create_task(self._process(message))
+        self._tasks.add(task)
         self._waiting.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- one message ------------------------------------------------------------
 
@@ -221,11 +223,12 @@ class Consumer:
     ) -> None:
         job_id = jobs.job_id_for(message.message_id, message.body)
         tries_before = _attempt_header(message.headers)
-        job = self._decode(message, job_id)
-        if job is None:
-            self._waiting.discard(task)
-            return
         ctx = JobContext(job_id=job_id, attempt=tries_before + 1, queue=self.queue_name)
+        job = self._decode(message)
+        if isinstance(job, PermanentFailure):
+            self._waiting.discard(task)
+            await self._settle_outcome(message, None, ctx, job, 0.0)
+            return
         async with self.limiter:
             self._waiting.discard(task)
             self._running[task] = time.monotonic()
@@ -238,8 +241,8 @@ class Consumer:
         duration = time.monotonic() - started
         await self._settle_outcome(message, job, ctx, failure, duration)
 
-    def _decode(self, message: AbstractIncomingMessage, job_id: str) -> Job | None:
-        """The typed job, or None after scheduling its dead letter (as a task)."""
+    def _decode(self, message: AbstractIncomingMessage) -> Job | PermanentFailure:
+        """The typed job, or the VALIDATION_ERROR that dead-letters the message."""
         limit = self._daemon_config.max_message_bytes
         try:
             if len(message.body) > limit:
@@ -250,13 +253,7 @@ class Consumer:
             if type(job) is not self.handler.job_type:
                 raise JobInvalid(f"a {jobs.kind_of(job)} job does not belong on {self.queue_name}")
         except JobInvalid as exc:
-            failure = PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False)
-            ctx = JobContext(
-                job_id=job_id, attempt=_attempt_header(message.headers) + 1, queue=self.queue_name
-            )
-            assert self._tg is not None
-            self._tg.create_task(self._settle_outcome(message, None, ctx, failure, 0.0))
-            return None
+            return PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False)
         return job
 
     async def _attempt(self, job: Job, ctx: JobContext) -> Exception | None:
