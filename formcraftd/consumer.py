@@ -9,6 +9,7 @@ broker; if that publish fails, the message is returned to the queue instead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -229,17 +230,27 @@ class Consumer:
             self._waiting.discard(task)
             await self._settle_outcome(message, None, ctx, job, 0.0)
             return
-        async with self.limiter:
-            self._waiting.discard(task)
-            self._running[task] = time.monotonic()
-            self._metrics.in_flight.inc()
-            try:
-                failure = await self._attempt(job, ctx)
-            finally:
-                self._metrics.in_flight.dec()
-                started = self._running.pop(task)
-        duration = time.monotonic() - started
+        if self.handler.batching:
+            ctx = dataclasses.replace(ctx, slot=self.limiter)
+            failure, duration = await self._run_handler(job, ctx, task)
+        else:
+            async with self.limiter:
+                failure, duration = await self._run_handler(job, ctx, task)
         await self._settle_outcome(message, job, ctx, failure, duration)
+
+    async def _run_handler(
+        self, job: Job, ctx: JobContext, task: asyncio.Task[None]
+    ) -> tuple[Exception | None, float]:
+        """One try, counted as in flight; the failure (None on success) and its duration."""
+        self._waiting.discard(task)
+        started = self._running[task] = time.monotonic()
+        self._metrics.in_flight.inc()
+        try:
+            failure = await self._attempt(job, ctx)
+        finally:
+            self._metrics.in_flight.dec()
+            self._running.pop(task, None)
+        return failure, time.monotonic() - started
 
     def _decode(self, message: AbstractIncomingMessage) -> Job | PermanentFailure:
         """The typed job, or the VALIDATION_ERROR that dead-letters the message."""

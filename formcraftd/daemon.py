@@ -34,11 +34,6 @@ log = logging.getLogger("formcraftd.daemon")
 USER_AGENT = f"formcraftd/{__version__}"
 
 
-def prefetch_for(concurrency: int) -> int:
-    """Unacked messages the broker may push: a second batch ready while one runs."""
-    return concurrency * 2
-
-
 def build_handler(kind: WorkerKind, worker: AnyWorkerConfig) -> Handler[Any] | None:
     """The handler for one worker kind; None for kinds this version cannot run yet."""
     if kind == "webhook" and isinstance(worker, WebhookWorkerConfig):
@@ -133,7 +128,7 @@ class Daemon:
             await self.broker.declare(topology)
             await handler.start()
             self._closers.append((f"{kind} handler", handler.aclose))
-            channel = await self.broker.channel(prefetch=prefetch_for(worker.concurrency))
+            channel = await self.broker.channel(prefetch=handler.prefetch(worker.concurrency))
             self.consumers[worker.queue] = Consumer(
                 worker=worker,
                 topology=topology,

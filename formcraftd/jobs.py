@@ -7,6 +7,7 @@ not validate raises :class:`JobInvalid` with a one-line reason.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, TypeVar
@@ -174,13 +175,29 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
+class _NoSlot(contextlib.AbstractAsyncContextManager[None]):
+    """The slot of a handler that does not batch: the consumer already holds one."""
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
+
+
+_NO_SLOT = _NoSlot()
+
+
 @dataclass(frozen=True, slots=True)
 class JobContext:
-    """What a handler may know about the delivery besides the job itself."""
+    """What a handler may know about the delivery besides the job itself.
+
+    `slot` is the queue's concurrency limit for handlers that batch
+    (`Handler.batching`): they hold it around each remote call only, so jobs
+    waiting to join a batch do not occupy the queue's slots.
+    """
 
     job_id: str
     attempt: int  # 1 for the first try
     queue: str
+    slot: contextlib.AbstractAsyncContextManager[None] = _NO_SLOT
 
 
 class Handler(Protocol[J]):
@@ -192,6 +209,17 @@ class Handler(Protocol[J]):
 
     kind: str
     job_type: type[J]
+    # False: the consumer holds a concurrency slot for the whole of `handle`.
+    # True: `handle` may wait to join a batch and holds `ctx.slot` around its remote call.
+    batching: bool
+
+    def prefetch(self, concurrency: int) -> int:
+        """How many unacked messages the broker may push to this worker."""
+        ...
+
+    def reconfigure(self, config: Any) -> None:
+        """Apply this worker's config section after a reload (raise ConfigError if unusable)."""
+        ...
 
     def breaker_key(self, job: J) -> str: ...
 

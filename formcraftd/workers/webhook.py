@@ -223,6 +223,7 @@ class WebhookHandler:
 
     kind = "webhook"
     job_type = WebhookJob
+    batching = False
 
     def __init__(self, config: WebhookWorkerConfig, *, user_agent: str) -> None:
         self._settings = _Settings.from_config(config)
@@ -244,6 +245,10 @@ class WebhookHandler:
                 await pool.aclose()
             except Exception:
                 log.exception("closing a webhook session failed")
+
+    def prefetch(self, concurrency: int) -> int:
+        """A second round of jobs ready while one runs."""
+        return concurrency * 2
 
     def reconfigure(self, config: WebhookWorkerConfig) -> None:
         """Swap in new live settings; raises :class:`ConfigError` and changes nothing if bad."""
