@@ -11,6 +11,7 @@ rest to their queues, then close everything in reverse order of opening.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import signal
 import time
@@ -22,23 +23,36 @@ from aiohttp import web
 from formcraftd import __version__, systemd
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import Broker, WorkerTopology
-from formcraftd.config import AnyWorkerConfig, Config, WebhookWorkerConfig, WorkerKind
+from formcraftd.config import AnyWorkerConfig, Config, WorkerKind
 from formcraftd.consumer import Consumer
 from formcraftd.jobs import Handler
 from formcraftd.metrics import Metrics
 from formcraftd.web import build_app, start_server
-from formcraftd.workers.webhook import WebhookHandler
 
 log = logging.getLogger("formcraftd.daemon")
 
 USER_AGENT = f"formcraftd/{__version__}"
 
 
+# Each worker's handler class, imported only when the worker is enabled.
+HANDLERS: dict[WorkerKind, tuple[str, str]] = {
+    "webhook": ("formcraftd.workers.webhook", "WebhookHandler"),
+    "email": ("formcraftd.workers.email", "EmailHandler"),
+    "sheets": ("formcraftd.workers.sheets", "SheetsHandler"),
+}
+
+
 def build_handler(kind: WorkerKind, worker: AnyWorkerConfig) -> Handler[Any] | None:
-    """The handler for one worker kind; None for kinds this version cannot run yet."""
-    if kind == "webhook" and isinstance(worker, WebhookWorkerConfig):
-        return WebhookHandler(worker, user_agent=USER_AGENT)
-    return None
+    """The handler for one worker kind; None for kinds this build does not have."""
+    module_name, class_name = HANDLERS[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return None
+    handler: Handler[Any] = getattr(module, class_name)(worker, user_agent=USER_AGENT)
+    return handler
 
 
 class Daemon:
