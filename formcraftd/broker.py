@@ -100,6 +100,7 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self.connected = False
         self.reconnects = 0
+        self._closing = False
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -148,6 +149,8 @@ class Broker:
             self._on_state(connected)
 
     def _on_close(self, _connection: object, exc: BaseException | None = None) -> None:
+        if self._closing:
+            return
         if self.connected:
             log.warning("broker connection lost: %s", _describe(exc) if exc else "closed")
         self._set_connected(False)
@@ -174,6 +177,7 @@ class Broker:
                 await channel.close()
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._connection is not None and not self._connection.is_closed:
             self.connected = False
             await self._connection.close()
@@ -207,6 +211,17 @@ async def declare_consumer_queue(
     queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
     assert isinstance(queue, AbstractRobustQueue)
     return queue
+
+
+async def queue_depth(channel: AbstractChannel, name: str) -> int:
+    """Ready messages in queue `name`, from a fresh passive declare.
+
+    A robust channel answers passive `declare_queue` calls from its cache, with
+    the count of the first declaration; this asks the broker every time.
+    """
+    underlay = await channel.get_underlay_channel()
+    result = await underlay.queue_declare(name, passive=True)
+    return int(result.message_count or 0)
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aio_pika
+import aiormq
 import orjson
 
 from formcraftd import __version__, config, jobs, logs
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("kind", nargs="?", choices=sorted(jobs.JOB_TYPES))
     enqueue = with_config(commands.add_parser("enqueue", help="publish a job from a JSON file"))
     enqueue.add_argument("file", metavar="FILE.json", help="the job ('-' reads stdin)")
+    dlq_cmd = with_config(commands.add_parser("dlq", help="dead-letter queue tools"))
+    dlq_cmd.add_argument("action", choices=["list", "replay", "purge"])
+    dlq_cmd.add_argument("queue", help="the main queue, e.g. webhook_tasks")
+    dlq_cmd.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="at most N messages (list: default 10)"
+    )
     return parser
 
 
@@ -61,10 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from formcraftd.daemon import run_daemon
 
-    cfg = _load(args.config)
+    path = args.config or config.default_path()
+    cfg = config.load(path)
     logs.configure(cfg.logging)
     try:
-        uvloop.run(run_daemon(cfg))
+        uvloop.run(run_daemon(cfg, config_path=path))
     except BrokerUnreachable as exc:
         return _fail(str(exc), EXIT_BROKER)
     return EXIT_OK
@@ -120,11 +128,43 @@ async def _publish(cfg: config.Config, queue: str, body: bytes, job_id: str) -> 
         await broker.aclose()
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    queues = {cfg.worker(kind).queue for kind in config.WORKER_KINDS}
+    if args.queue not in queues:
+        return _fail(f"{args.queue} is not a configured queue ({', '.join(sorted(queues))})")
+    if args.limit is not None and args.limit < 1:
+        return _fail("--limit must be at least 1", EXIT_USAGE)
+    result = asyncio.run(_dlq(cfg, args.action, args.queue, args.limit))
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -> object:
+    from formcraftd import dlq
+    from formcraftd.broker import Broker
+
+    broker = Broker(cfg.broker)
+    await broker.connect()
+    try:
+        channel = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
+        if action == "list":
+            return await dlq.peek(channel, queue, limit or 10)
+        if action == "replay":
+            return {"queue": queue, "replayed": await dlq.replay(channel, queue, limit)}
+        return {"queue": queue, "purged": await dlq.purge(channel, queue)}
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise FormcraftError(f"dlq.{queue} does not exist (has the daemon run yet?)") from None
+    finally:
+        await broker.aclose()
+
+
 COMMANDS = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "schema": cmd_schema,
     "enqueue": cmd_enqueue,
+    "dlq": cmd_dlq,
 }
 
 

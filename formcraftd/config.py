@@ -9,6 +9,7 @@ a bad file changes nothing because nothing is swapped until it validated.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import re
 import tomllib
@@ -363,6 +364,13 @@ def _check_cross_fields(config: Config, source: str) -> None:
     for url in config.broker.url.split(","):
         if urlsplit(url.strip()).scheme not in ("amqp", "amqps"):
             raise ConfigError(f"{source}: key broker.url: expected amqp:// or amqps:// URLs")
+    for cidr in config.workers.webhook.allowed_networks:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: key workers.webhook.allowed_networks: {cidr[:100]!r} is not a CIDR"
+            ) from None
 
 
 def parse(

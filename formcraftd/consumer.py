@@ -68,8 +68,10 @@ class Consumer:
         breaker_config: BreakerConfig,
         daemon_config: DaemonConfig,
         metrics: QueueMetrics,
+        prefetch: int,
     ) -> None:
         self.queue_name = worker.queue
+        self.prefetch = prefetch  # what the channel's QoS is set to
         self.handler = handler
         self._worker = worker
         self._topology = topology
@@ -92,6 +94,8 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()  # every message not yet settled
         self._waiting: set[asyncio.Task[None]] = set()  # ... of which waiting for a slot
         self._running: dict[asyncio.Task[None], float] = {}  # ... of which in a handler
+        self.finished = 0  # jobs that succeeded, were retried or dead-lettered
+        self.failed = 0  # ... of which retried or dead-lettered
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -132,6 +136,22 @@ class Consumer:
         """Ask the consumer to stop; in-flight jobs may run until monotonic `deadline`."""
         self._deadline = deadline
         self._stop.set()
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Change the channel's prefetch; a live consumer is re-subscribed to pick it up.
+
+        Messages already delivered stay with this channel and are settled as
+        usual, so nothing is lost or delivered twice.
+        """
+        if prefetch == self.prefetch:
+            return
+        self.prefetch = prefetch
+        if self.state != "consuming":
+            await self._channel.set_qos(prefetch_count=prefetch)
+            return
+        await self._unsubscribe()
+        await self._channel.set_qos(prefetch_count=prefetch)
+        await self._subscribe()
 
     async def pause(self) -> None:
         if self.state == "consuming":
@@ -324,6 +344,10 @@ class Consumer:
                 self.queue_name,
                 ctx.job_id,
             )
+        if outcome != "delayed":
+            self.finished += 1
+            if outcome != "success":
+                self.failed += 1
         if job is not None and not isinstance(failure, BreakerOpen):
             self._metrics.duration.observe(duration)
         self._log_job(job, ctx, outcome, final, duration)

@@ -1,11 +1,12 @@
-"""The daemon: start, supervise the consumers, shut down in phases.
+"""The daemon: start, supervise, reload, shut down in phases.
 
 Start: connect (or give up after `connect_timeout_s`), declare the topology,
-start the HTTP server and the handlers, then run one consumer per enabled
-worker inside an `asyncio.TaskGroup`. Signal handlers only set flags (the
-first asks for a graceful stop, a second one forces it). Shutdown: stop
-consuming, let in-flight jobs finish until `shutdown_timeout_s`, return the
-rest to their queues, then close everything in reverse order of opening.
+start the handlers and one consumer per enabled worker, the monitor and the
+HTTP server; READY=1 once every consumer consumes. Signal handlers only set
+flags: SIGTERM/SIGINT ask for a graceful stop (a second one forces it), SIGHUP
+asks for a reload. Shutdown: stop consuming, let in-flight jobs finish until
+`shutdown_timeout_s`, return the rest to their queues, then close everything
+in reverse order of opening.
 """
 
 from __future__ import annotations
@@ -15,24 +16,26 @@ import importlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from aio_pika.abc import AbstractChannel
 from aiohttp import web
 
-from formcraftd import __version__, systemd
+from formcraftd import __version__, dlq, systemd
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import Broker, WorkerTopology
 from formcraftd.config import AnyWorkerConfig, Config, WorkerKind
 from formcraftd.consumer import Consumer
 from formcraftd.jobs import Handler
 from formcraftd.metrics import Metrics
-from formcraftd.web import build_app, start_server
+from formcraftd.monitor import Monitor, QueueSample
+from formcraftd.reload import Reloader
+from formcraftd.web import UnknownQueue, build_app, start_server
 
 log = logging.getLogger("formcraftd.daemon")
 
 USER_AGENT = f"formcraftd/{__version__}"
-
 
 # Each worker's handler class, imported only when the worker is enabled.
 HANDLERS: dict[WorkerKind, tuple[str, str]] = {
@@ -58,8 +61,9 @@ def build_handler(kind: WorkerKind, worker: AnyWorkerConfig) -> Handler[Any] | N
 class Daemon:
     """One formcraftd process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.metrics = Metrics(__version__)
         self.breakers = BreakerRegistry(
             config.breaker,
@@ -68,12 +72,17 @@ class Daemon:
         )
         self.broker = Broker(config.broker, on_state=self._broker_state_changed)
         self.consumers: dict[str, Consumer] = {}
+        self.kinds: dict[str, WorkerKind] = {}
+        self.monitor = Monitor(config.monitoring, source=self, metrics=self.metrics)
+        self.reloader = Reloader(self)
         self.http_runner: web.AppRunner | None = None
         self.started = asyncio.Event()
+        self.started_at = time.time()
         self._should_exit = asyncio.Event()
+        self._reload_requested = asyncio.Event()
         self._force_exit = False
         self._was_connected = False
-        self._handlers: list[Handler[Any]] = []
+        self._admin_channel: AbstractChannel | None = None
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
 
     # --- signals ------------------------------------------------------------------
@@ -82,6 +91,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_exit, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
 
     def handle_exit(self, sig: int | None = None) -> None:
         """First call: graceful shutdown. Second call: force it (no more waiting)."""
@@ -94,6 +104,12 @@ class Daemon:
         name = signal.Signals(sig).name if sig is not None else "request"
         log.info("shutting down (%s)", name)
         self._should_exit.set()
+
+    def request_shutdown(self) -> None:
+        self.handle_exit(None)
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
 
     # --- run ------------------------------------------------------------------------
 
@@ -113,15 +129,18 @@ class Daemon:
                     __version__,
                     ", ".join(self.consumers) or "nothing",
                 )
-                watchdog = tg.create_task(self._watchdog(), name="watchdog")
+                helpers = [
+                    tg.create_task(self._watchdog(), name="watchdog"),
+                    tg.create_task(self.monitor.run(), name="monitor"),
+                    tg.create_task(self._reload_loop(), name="reload"),
+                ]
                 await self._should_exit.wait()
                 systemd.notify("STOPPING=1")
-                deadline = time.monotonic() + (
-                    0 if self._force_exit else self.config.daemon.shutdown_timeout_s
-                )
+                timeout = 0 if self._force_exit else self.config.daemon.shutdown_timeout_s
                 for consumer in self.consumers.values():
-                    consumer.stop(deadline)
-                watchdog.cancel()
+                    consumer.stop(time.monotonic() + timeout)
+                for task in helpers:
+                    task.cancel()
         finally:
             await self._close()
         log.info("stopped")
@@ -130,33 +149,39 @@ class Daemon:
         await self.broker.connect()
         self._closers.append(("broker", self.broker.aclose))
         for kind, worker in self.config.enabled_workers():
-            handler = build_handler(kind, worker)
-            if handler is None:
-                log.warning(
-                    "the %s worker is not available in this version; %s is not consumed",
-                    kind,
-                    worker.queue,
-                )
-                continue
-            topology = WorkerTopology.build(worker, self.config.broker)
-            await self.broker.declare(topology)
-            await handler.start()
-            self._closers.append((f"{kind} handler", handler.aclose))
-            channel = await self.broker.channel(prefetch=handler.prefetch(worker.concurrency))
-            self.consumers[worker.queue] = Consumer(
-                worker=worker,
-                topology=topology,
-                handler=handler,
-                channel=channel,
-                breakers=self.breakers,
-                breaker_config=self.config.breaker,
-                daemon_config=self.config.daemon,
-                metrics=self.metrics.queue(worker.queue),
-            )
+            await self._start_worker(kind, worker)
         self.http_runner = await start_server(
             build_app(self), self.config.http.host, self.config.http.port
         )
         self._closers.append(("http server", self.http_runner.cleanup))
+
+    async def _start_worker(self, kind: WorkerKind, worker: AnyWorkerConfig) -> None:
+        handler = build_handler(kind, worker)
+        if handler is None:
+            log.warning(
+                "the %s worker is not available in this build; %s is not consumed",
+                kind,
+                worker.queue,
+            )
+            return
+        topology = WorkerTopology.build(worker, self.config.broker)
+        await self.broker.declare(topology)
+        await handler.start()
+        self._closers.append((f"{kind} handler", handler.aclose))
+        prefetch = handler.prefetch(worker.concurrency)
+        channel = await self.broker.channel(prefetch=prefetch)
+        self.kinds[worker.queue] = kind
+        self.consumers[worker.queue] = Consumer(
+            worker=worker,
+            topology=topology,
+            handler=handler,
+            channel=channel,
+            breakers=self.breakers,
+            breaker_config=self.config.breaker,
+            daemon_config=self.config.daemon,
+            metrics=self.metrics.queue(worker.queue),
+            prefetch=prefetch,
+        )
 
     async def _close(self) -> None:
         """Close what was opened, in reverse order; log and continue on errors."""
@@ -168,6 +193,7 @@ class Daemon:
                 log.warning("closing the %s failed: %s", name, exc)
 
     async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself, so a blocked loop gets restarted."""
         interval = systemd.watchdog_interval()
         if interval is None:
             return
@@ -175,20 +201,46 @@ class Daemon:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    def request_shutdown(self) -> None:
-        self.handle_exit(None)
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            await self.reload()
 
-    # --- state ----------------------------------------------------------------------
+    async def reload(self) -> dict[str, Any]:
+        """Re-read and apply the config file (SIGHUP and POST /admin/reload)."""
+        return await self.reloader.reload()
+
+    # --- state for health, status, the monitor ----------------------------------------
 
     def _broker_state_changed(self, connected: bool) -> None:
         self.metrics.broker_connected.set(1 if connected else 0)
         if connected and self._was_connected:
             self.metrics.reconnects.inc()
         self._was_connected = self._was_connected or connected
+        self.monitor.broker_state_changed(connected)
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
+    @property
+    def broker_connected(self) -> bool:
+        return self.broker.connected
+
+    def samples(self) -> Sequence[QueueSample]:
+        return [
+            QueueSample(name, c.finished, c.failed, c.oldest_in_flight_s())
+            for name, c in self.consumers.items()
+        ]
+
+    async def monitor_channel(self) -> AbstractChannel:
+        """A channel for passive declares and DLQ tools (reopened when closed)."""
+        if self._admin_channel is None or self._admin_channel.is_closed:
+            self._admin_channel = await self.broker.connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        return self._admin_channel
+
+    def _queue_states(self) -> dict[str, dict[str, Any]]:
         connected = self.broker.connected
-        queues = {
+        return {
             name: {
                 "state": consumer.state if connected else "disconnected",
                 "consuming": connected and consumer.consuming,
@@ -197,28 +249,101 @@ class Daemon:
             }
             for name, consumer in self.consumers.items()
         }
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        queues = self._queue_states()
         healthy = (
             self.started.is_set()
-            and not self._should_exit.is_set()
-            and connected
-            and all(q["consuming"] for q in queues.values())
+            and self.broker.connected
+            and all(q["consuming"] or q["state"] == "paused" for q in queues.values())
         )
-        body = {
+        return healthy, {
             "status": "ok" if healthy else "unavailable",
             "version": __version__,
-            "broker": {"connected": connected, "reconnects": self.broker.reconnects},
+            "broker": {"connected": self.broker.connected, "reconnects": self.broker.reconnects},
             "queues": queues,
-            "last_reload": None,
+            "last_reload": self.reloader.last,
         }
-        return healthy, body
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        healthy, body = self.health()
+        ready = healthy and not self._should_exit.is_set()
+        body["status"] = (
+            "ok" if ready else ("draining" if self._should_exit.is_set() else "unavailable")
+        )
+        return ready, body
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()
 
+    def admin_token(self) -> str:
+        return self.config.http.admin_token
 
-async def run_daemon(config: Config, *, handle_signals: bool = True) -> None:
-    """Entry point for `formcraftd run`."""
-    daemon = Daemon(config)
-    if handle_signals:
-        daemon.install_signal_handlers()
+    def status(self) -> dict[str, Any]:
+        """The snapshot behind /admin/status and the status page (no secrets)."""
+        queues = self._queue_states()
+        for name, entry in queues.items():
+            reading = self.monitor.readings.get(name)
+            consumer = self.consumers[name]
+            entry |= {
+                "kind": self.kinds[name],
+                "depth": reading.depth if reading else None,
+                "dead_letter_depth": reading.dead_letter_depth if reading else None,
+                "rate_per_s": round(reading.rate_per_s, 3) if reading else 0.0,
+                "error_rate": round(reading.error_rate, 3) if reading else 0.0,
+                "finished": consumer.finished,
+                "failed": consumer.failed,
+            }
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "config_source": self.config.source,
+            "broker": {"connected": self.broker.connected, "reconnects": self.broker.reconnects},
+            "queues": queues,
+            "breakers": self.breakers.snapshot(),
+            "alerts": self.monitor.snapshot(),
+            "last_reload": self.reloader.last,
+        }
+
+    # --- admin operations -------------------------------------------------------------
+
+    def _consumer(self, queue: str) -> Consumer:
+        consumer = self.consumers.get(queue)
+        if consumer is None:
+            raise UnknownQueue(f"no consumer for queue {queue!r}")
+        return consumer
+
+    async def pause(self, queue: str) -> dict[str, Any]:
+        consumer = self._consumer(queue)
+        await consumer.pause()
+        log.info("paused %s", queue)
+        return {"queue": queue, "state": consumer.state}
+
+    async def resume(self, queue: str) -> dict[str, Any]:
+        consumer = self._consumer(queue)
+        await consumer.resume()
+        log.info("resumed %s", queue)
+        return {"queue": queue, "state": consumer.state}
+
+    async def dlq_peek(self, queue: str, limit: int) -> list[dict[str, Any]]:
+        self._consumer(queue)
+        return await dlq.peek(await self.monitor_channel(), queue, limit)
+
+    async def dlq_replay(self, queue: str, limit: int | None) -> int:
+        self._consumer(queue)
+        moved = await dlq.replay(await self.monitor_channel(), queue, limit)
+        log.info("replayed %d dead letters of %s", moved, queue)
+        return moved
+
+    def breaker_reset(self, key: str) -> bool:
+        reset = self.breakers.reset(key)
+        if reset:
+            log.info("breaker %s reset by the admin API", key)
+        return reset
+
+
+async def run_daemon(config: Config, *, config_path: str | None = None) -> None:
+    """Entry point for `formcraftd run`: signals handled, reload from `config_path`."""
+    daemon = Daemon(config, config_path=config_path)
+    daemon.install_signal_handlers()
     await daemon.run()
