@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 
+import aio_pika
 import pytest
 from aiohttp import web
 
@@ -108,3 +109,26 @@ async def test_quorum_queues_work_end_to_end(
     types = {q["name"]: q["type"] for q in json.loads(listing.stdout)}
     topology = WorkerTopology.build(cfg.workers.webhook, cfg.broker)
     assert {types[spec.name] for spec in topology.queues()} == {"quorum"}
+
+
+async def test_dead_letter_ttl_gives_the_dlq_a_message_ttl(names: Names, amqp: Broker) -> None:
+    """dead_letter_ttl_ms is declared as the DLQ's x-message-ttl, so old dead letters expire."""
+    cfg = make_config(names, webhook={"dead_letter_ttl_ms": 200})
+    amqp.track(cfg)
+    topology = WorkerTopology.build(cfg.workers.webhook, cfg.broker)
+    assert topology.dead_letter_queue.arguments["x-message-ttl"] == 200
+    broker = DaemonBroker(cfg.broker)
+    await broker.connect()
+    try:
+        await broker.declare(topology)
+    finally:
+        await broker.aclose()
+    channel = await amqp.connection.channel()
+    try:
+        exchange = await channel.get_exchange(cfg.workers.webhook.dead_letter_exchange)
+        await exchange.publish(aio_pika.Message(b"{}"), routing_key="")
+    finally:
+        await channel.close()
+    assert await amqp.depth(topology.dead_letter_queue.name) == 1
+    await asyncio.sleep(0.5)
+    assert await amqp.depth(topology.dead_letter_queue.name) == 0
