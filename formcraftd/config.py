@@ -58,6 +58,9 @@ class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     max_message_bytes: PositiveInt = 1_048_576
+    settled_memory_s: NonNegativeInt = 3600  # how long a settled delivery is remembered
+    settled_memory_size: NonNegativeInt = 100_000  # ... and how many at most (0 = off)
+    max_redeliveries: PositiveInt = 5  # classic queues: redeliveries before dead-lettering
 
 
 class EventsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -1,7 +1,7 @@
 """The one generic consumer: decode -> limit -> breaker -> handler -> outcome.
 
 It owns acks, retries, dead letters and job metrics once, for every worker. A
-handler only returns or raises a job-fate exception (SPEC §5). Nothing is acked
+handler only returns or raises a job-fate exception . Nothing is acked
 before its outcome (the retry or the dead letter) has been confirmed by the
 broker; if that publish fails, the message is returned to the queue instead.
 """
@@ -10,20 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any, Literal
 
-import aio_pika
 import msgspec
-from aio_pika.abc import (
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractRobustChannel,
-    AbstractRobustQueue,
-)
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 
 from formcraftd import jobs
 from formcraftd.breakers import BreakerRegistry
@@ -33,22 +25,22 @@ from formcraftd.errors import BreakerOpen, PermanentFailure, RetryLater
 from formcraftd.jobs import Handler, Job, JobContext, JobInvalid
 from formcraftd.limits import ResizableLimiter
 from formcraftd.metrics import QueueMetrics
-from formcraftd.retry import RetrySchedule, retry_queue_name
+from formcraftd.outcomes import (
+    ATTEMPT_HEADER,
+    FIRST_SEEN_HEADER,
+    REDELIVERIES_HEADER,
+    Outcomes,
+    carried_headers,
+    count_header,
+    first_seen_ms,
+    one_line,
+    settle,
+)
+from formcraftd.retry import RetrySchedule
+from formcraftd.settled import SettledDeliveries
 
 log = logging.getLogger("formcraftd.consumer")
 
-ATTEMPT_HEADER = "x-formcraft-attempt"
-FIRST_SEEN_HEADER = "x-formcraft-first-seen"
-_DROPPED_HEADERS = (
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-)
-_MAX_ATTEMPT = 1_000_000
 _JOB_CLASSES = (jobs.WebhookJob, jobs.EmailJob, jobs.SheetsJob)
 
 ConsumerState = Literal["starting", "consuming", "paused", "stopping", "stopped"]
@@ -85,7 +77,11 @@ class Consumer:
         metrics.concurrency_limit.set(worker.concurrency)
         self.state: ConsumerState = "starting"
         self._queue: AbstractRobustQueue | None = None
-        self._dead_letter_exchange: AbstractExchange | None = None
+        self._outcomes = Outcomes(channel, worker.queue)
+        self._settled = SettledDeliveries(
+            window_s=daemon_config.settled_memory_s, size=daemon_config.settled_memory_size
+        )
+        self._count_redeliveries = topology.main.arguments.get("x-queue-type") == "classic"
         self._tag: str | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -118,9 +114,7 @@ class Consumer:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             self._queue = await declare_consumer_queue(self._channel, self._topology.main)
-            self._dead_letter_exchange = await self._channel.declare_exchange(
-                self._topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-            )
+            await self._outcomes.declare(self._topology.dead_letter_exchange)
             await self._subscribe()
             self.subscribed.set()
             await self._stop.wait()
@@ -170,6 +164,9 @@ class Consumer:
         self._schedule = RetrySchedule.from_config(worker.retry)
         self._breaker_config = breaker_config
         self._daemon_config = daemon_config
+        self._settled.reconfigure(
+            window_s=daemon_config.settled_memory_s, size=daemon_config.settled_memory_size
+        )
         self.limiter.resize(worker.concurrency)
         self._metrics.concurrency_limit.set(worker.concurrency)
 
@@ -216,7 +213,7 @@ class Consumer:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         if self._tg is None or self._stop.is_set():
-            await _settle(message.nack(requeue=True))
+            await settle(message.nack(requeue=True))
             return
         task = self._tg.create_task(self._process(message))
         self._tasks.add(task)
@@ -233,18 +230,21 @@ class Consumer:
         except asyncio.CancelledError:
             self._waiting.discard(task)
             self._running.pop(task, None)
-            await asyncio.shield(_settle(message.nack(requeue=True)))
+            await asyncio.shield(settle(message.nack(requeue=True)))
             raise
         except Exception:
             log.exception("unexpected error handling a message from %s", self.queue_name)
-            await _settle(message.nack(requeue=True))
+            await settle(message.nack(requeue=True))
 
     async def _process_message(
         self, message: AbstractIncomingMessage, task: asyncio.Task[None]
     ) -> None:
         job_id = jobs.job_id_for(message.message_id, message.body)
-        tries_before = _attempt_header(message.headers)
+        tries_before = count_header(message.headers, ATTEMPT_HEADER)
         ctx = JobContext(job_id=job_id, attempt=tries_before + 1, queue=self.queue_name)
+        if message.redelivered and await self._handle_redelivery(message, ctx):
+            self._waiting.discard(task)
+            return
         job = self._decode(message)
         if isinstance(job, PermanentFailure):
             self._waiting.discard(task)
@@ -257,6 +257,53 @@ class Consumer:
             async with self.limiter:
                 failure, duration = await self._run_handler(job, ctx, task)
         await self._settle_outcome(message, job, ctx, failure, duration)
+
+    async def _handle_redelivery(self, message: AbstractIncomingMessage, ctx: JobContext) -> bool:
+        """Settle a redelivered message without running it, when that is the safe thing.
+
+        A delivery this process already settled (its ack was lost) is acked again.
+        On classic queues, which do not count deliveries, each redelivery is
+        counted in a header by moving the message to the queue's tail; past
+        `max_redeliveries` (a message the process keeps dying on) it is
+        dead-lettered. Quorum queues count natively (`x-delivery-limit`).
+        """
+        if (ctx.job_id, ctx.attempt - 1) in self._settled:
+            log.info(
+                "job %s was redelivered after it was settled; not running it again",
+                ctx.job_id,
+                extra={"queue": self.queue_name, "job_id": ctx.job_id},
+            )
+            self._metrics.duplicates.inc()
+            await settle(message.ack())
+            return True
+        if not self._count_redeliveries:
+            return False
+        redeliveries = count_header(message.headers, REDELIVERIES_HEADER) + 1
+        try:
+            if redeliveries > self._daemon_config.max_redeliveries:
+                failure = PermanentFailure(
+                    "RETRIES_EXHAUSTED",
+                    f"redelivered {redeliveries} times without being settled",
+                    reached_service=False,
+                )
+                await self._outcomes.dead_letter(message, ctx.job_id, failure, ctx.attempt - 1)
+                self._metrics.dead_letter.inc()
+                self._log_job(None, ctx, "dead_letter", failure, 0.0)
+            else:
+                headers = carried_headers(message.headers)
+                headers[REDELIVERIES_HEADER] = redeliveries
+                await self._outcomes.to_queue_tail(message, ctx.job_id, headers)
+        except Exception as exc:
+            log.error(
+                "%s: could not count the redelivery of job %s (%s)",
+                self.queue_name,
+                ctx.job_id,
+                one_line(exc),
+            )
+            await settle(message.nack(requeue=True))
+            return True
+        await settle(message.ack())
+        return True
 
     async def _run_handler(
         self, job: Job, ctx: JobContext, task: asyncio.Task[None]
@@ -334,11 +381,13 @@ class Consumer:
                 "%s: could not publish the outcome of job %s (%s); returning it to the queue",
                 self.queue_name,
                 ctx.job_id,
-                _one_line(exc),
+                one_line(exc),
             )
-            await _settle(message.nack(requeue=True))
+            await settle(message.nack(requeue=True))
             return
-        if not await _settle(message.ack()):
+        if outcome != "delayed":
+            self._settled.add(ctx.job_id, ctx.attempt - 1)
+        if not await settle(message.ack()):
             log.warning(
                 "%s: ack of job %s lost with its channel; the broker will redeliver it",
                 self.queue_name,
@@ -376,7 +425,7 @@ class Consumer:
                 status=failure.status,
             )
         assert isinstance(failure, PermanentFailure)
-        await self._dead_letter(message, ctx, failure, ctx.attempt)
+        await self._outcomes.dead_letter(message, ctx.job_id, failure, ctx.attempt)
         self._metrics.dead_letter.inc()
         return "dead_letter", failure
 
@@ -396,68 +445,29 @@ class Consumer:
             metadata = msgspec.structs.replace(retried.metadata, retry_count=ctx.attempt)
             retried = msgspec.structs.replace(retried, metadata=metadata)
         body = message.body if retried is job or retried is None else jobs.encode(retried)
-        headers = _carried_headers(message.headers)
+        headers = carried_headers(message.headers)
         headers[ATTEMPT_HEADER] = ctx.attempt
-        await self._publish_to_tier(message, ctx, body, headers, tier)
+        await self._outcomes.to_tier(message, ctx.job_id, body, headers, tier)
 
     async def _delay_for_breaker(
         self, message: AbstractIncomingMessage, ctx: JobContext, failure: BreakerOpen
     ) -> tuple[str, Exception]:
         now_ms = time.time() * 1000
-        first_seen = _first_seen_ms(message, now_ms)
+        first_seen = first_seen_ms(message, now_ms)
         if now_ms - first_seen > self._breaker_config.max_job_age_ms:
             expired = PermanentFailure(
                 "BREAKER_OPEN", f"{failure} for longer than the job may wait", reached_service=False
             )
-            await self._dead_letter(message, ctx, expired, ctx.attempt - 1)
+            await self._outcomes.dead_letter(message, ctx.job_id, expired, ctx.attempt - 1)
             self._metrics.dead_letter.inc()
             return "dead_letter", expired
-        headers = _carried_headers(message.headers)
+        headers = carried_headers(message.headers)
         headers[ATTEMPT_HEADER] = ctx.attempt - 1
         headers[FIRST_SEEN_HEADER] = int(first_seen)
         tier = self._schedule.nearest_tier(failure.remaining * 1000)
-        await self._publish_to_tier(message, ctx, message.body, headers, tier)
+        await self._outcomes.to_tier(message, ctx.job_id, message.body, headers, tier)
         self._metrics.delayed.inc()
         return "delayed", failure
-
-    async def _publish_to_tier(
-        self,
-        message: AbstractIncomingMessage,
-        ctx: JobContext,
-        body: bytes,
-        headers: dict[str, Any],
-        tier: int,
-    ) -> None:
-        outgoing = _outgoing(message, ctx.job_id, body, headers)
-        await self._channel.default_exchange.publish(
-            outgoing, routing_key=retry_queue_name(self.queue_name, tier), mandatory=True
-        )
-
-    async def _dead_letter(
-        self,
-        message: AbstractIncomingMessage,
-        ctx: JobContext,
-        failure: PermanentFailure,
-        attempts: int,
-    ) -> None:
-        headers = _carried_headers(message.headers)
-        headers.update(
-            {
-                "x-formcraft-error-code": failure.code,
-                "x-formcraft-error": _one_line(failure.reason),
-                "x-formcraft-attempts": attempts,
-                "x-formcraft-queue": self.queue_name,
-                "x-formcraft-failed-at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            }
-        )
-        if failure.status is not None:
-            headers["x-formcraft-last-status"] = failure.status
-        assert self._dead_letter_exchange is not None
-        await self._dead_letter_exchange.publish(
-            _outgoing(message, ctx.job_id, message.body, headers),
-            routing_key=self.queue_name,
-            mandatory=True,
-        )
 
     def _log_job(
         self,
@@ -492,68 +502,6 @@ class Consumer:
             "job %s %s%s",
             ctx.job_id,
             outcome,
-            f": {_one_line(reason)}" if reason else "",
+            f": {one_line(reason)}" if reason else "",
             extra=fields,
         )
-
-
-def _attempt_header(headers: Mapping[str, Any] | None) -> int:
-    """Tries already used, from `x-formcraft-attempt` (hostile values count as 0)."""
-    value = (headers or {}).get(ATTEMPT_HEADER)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_ATTEMPT:
-        return value
-    return 0
-
-
-def _first_seen_ms(message: AbstractIncomingMessage, now_ms: float) -> float:
-    value = (message.headers or {}).get(FIRST_SEEN_HEADER)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= now_ms:
-        return float(value)
-    if message.timestamp is not None:
-        stamp = message.timestamp
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=dt.UTC)
-        return min(stamp.timestamp() * 1000, now_ms)
-    return now_ms
-
-
-def _carried_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    carried = dict(headers or {})
-    for name in _DROPPED_HEADERS:
-        carried.pop(name, None)
-    return carried
-
-
-def _outgoing(
-    message: AbstractIncomingMessage, job_id: str, body: bytes, headers: dict[str, Any]
-) -> aio_pika.Message:
-    return aio_pika.Message(
-        body,
-        headers=headers,
-        content_type=message.content_type or "application/json",
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=job_id,
-        correlation_id=message.correlation_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
-
-
-async def _settle(operation: Any) -> bool:
-    """Await an ack/nack; False when its channel is gone (the broker redelivers)."""
-    try:
-        await operation
-    except aio_pika.exceptions.ChannelInvalidStateError:
-        return False
-    except aio_pika.exceptions.MessageProcessError:
-        return False
-    except Exception as exc:
-        log.debug("settling a message failed: %s", exc)
-        return False
-    return True
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())[:500]

@@ -36,6 +36,7 @@ class QueueMetrics:
     retry: Counter
     dead_letter: Counter
     delayed: Counter
+    duplicates: Counter
     in_flight: Gauge
     concurrency_limit: Gauge
     duration: Histogram
@@ -78,6 +79,12 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.duplicates_skipped = Counter(
+            "formcraftd_duplicates_skipped",
+            "Redelivered jobs this process had already settled, acked without running again.",
+            ["queue"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "formcraftd_breaker_state", "0 closed, 1 half-open, 2 open.", ["key"], registry=r
         )
@@ -108,6 +115,7 @@ class Metrics:
                 retry=self.jobs.labels(queue, "retry"),
                 dead_letter=self.jobs.labels(queue, "dead_letter"),
                 delayed=self.jobs.labels(queue, "delayed"),
+                duplicates=self.duplicates_skipped.labels(queue),
                 in_flight=self.in_flight.labels(queue),
                 concurrency_limit=self.concurrency_limit.labels(queue),
                 duration=self.job_duration.labels(queue),
