@@ -9,6 +9,9 @@ from collections.abc import Awaitable
 import pytest
 
 from formcraftd import consumer as consumer_module
+from formcraftd.broker import Broker as DaemonBroker
+from formcraftd.broker import WorkerTopology
+from formcraftd.config import Config
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
 
@@ -119,12 +122,7 @@ async def test_classic_queue_counts_a_redelivery_and_still_delivers(
     assert await amqp.depth(f"dlq.{queue}") == 0
 
 
-async def _declare(cfg: object) -> None:
-    from formcraftd.broker import Broker as DaemonBroker
-    from formcraftd.broker import WorkerTopology
-    from formcraftd.config import Config
-
-    assert isinstance(cfg, Config)
+async def _declare(cfg: Config) -> None:
     broker = DaemonBroker(cfg.broker)
     await broker.connect()
     try:
