@@ -96,8 +96,17 @@ def _mask_value(match: re.Match[str]) -> str:
     return f"{match.group('key')}***"
 
 
+# Every pattern above needs one of these; most log text has none, and one
+# search is far cheaper than four substitutions (job lines are on the hot path).
+_MAYBE_SECRET = re.compile(
+    r"://|whsec_|bearer|basic|passw|secret|token|api[_-]?key|authorization", re.IGNORECASE
+)
+
+
 def redact(text: str) -> str:
     """`text` with URL passwords, ``whsec_`` keys, bearer tokens and secret pairs masked."""
+    if not _MAYBE_SECRET.search(text):
+        return text
     text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
     text = _WHSEC.sub("whsec_***", text)
     text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
@@ -275,6 +284,12 @@ def reset() -> None:
 
 
 # --- Sentry (optional extra) --------------------------------------------------------
+#
+# Started by configure() when `logging.sentry_dsn` is set; formcraftd.tracking
+# reports dead letters and unexpected handler errors through it. Every event
+# passes _before_send, which runs redact() over each string in it (message,
+# exception values, tags, extras, breadcrumbs, contexts), after the SDK has
+# serialised it and after its own key-based scrubber.
 
 
 def _scrub(value: Any) -> Any:
@@ -283,9 +298,12 @@ def _scrub(value: Any) -> Any:
         return redact(value)
     if isinstance(value, dict):
         return {key: _scrub(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_scrub(item) for item in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    # The SDK serialises events before before_send; anything else is shown as text.
+    return redact(repr(value))
 
 
 def _before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
@@ -293,11 +311,25 @@ def _before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
     return scrubbed
 
 
+def _sentry_options(dsn: str) -> dict[str, Any]:
+    return {
+        "dsn": dsn,
+        "release": f"formcraftd@{__version__}",
+        # send_default_pii stays unset (off): newer SDKs warn when it is passed at all.
+        # Handler frames hold job bodies: webhook secrets, refresh tokens, addresses.
+        "include_local_variables": False,
+        "max_request_body_size": "never",
+        # No auto-patched libraries (aiohttp's client would add sentry-trace and
+        # baggage headers to customers' webhooks), and no trace headers anywhere.
+        "auto_enabling_integrations": False,
+        "trace_propagation_targets": [],
+        "before_send": _before_send,
+    }
+
+
 def _init_sentry(dsn: str) -> None:
     """Start Sentry once per DSN; without the extra installed, warn once and go on."""
     global _sentry_dsn, _sentry_missing_warned  # noqa: PLW0603 - one SDK per process
-    if dsn == _sentry_dsn:
-        return
     try:
         sentry_sdk = importlib.import_module("sentry_sdk")
     except ImportError:
@@ -308,12 +340,10 @@ def _init_sentry(dsn: str) -> None:
                 "install the formcraftd[sentry] extra to report errors"
             )
         return
-    sentry_sdk.init(
-        dsn=dsn,
-        release=f"formcraftd@{__version__}",
-        send_default_pii=False,
-        before_send=_before_send,
-    )
+    # A reload with the same DSN keeps the running client, unless it was closed.
+    if dsn == _sentry_dsn and sentry_sdk.get_client().is_active():
+        return
+    sentry_sdk.init(**_sentry_options(dsn))
     _sentry_dsn = dsn
 
 

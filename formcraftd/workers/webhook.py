@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -97,8 +98,7 @@ def signing_key(secret: str) -> bytes:
 
 def webhook_id(job_id: str, url: str) -> str:
     """`msg_` + a stable id: the same on every try, different for each endpoint."""
-    digest = hashlib.sha256(f"{job_id}\n{url}".encode()).digest()
-    return "msg_" + base64.b32encode(digest).decode().lower()[:26]
+    return "msg_" + hashlib.sha256(f"{job_id}\n{url}".encode()).hexdigest()[:26]
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
@@ -365,20 +365,29 @@ def _check_literal_host(url: URL, origin: str, policy: NetworkPolicy) -> None:
     host = url.raw_host or ""
     if ":" not in host and not host.replace(".", "").isdigit():
         return  # a name: GuardedResolver checks what it resolves to
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    verdict = _literal_verdict(host, policy)
+    if verdict == "invalid":
         raise PermanentFailure(
             "VALIDATION_ERROR",
             f"{origin}: host is not a canonical IP address",
             reached_service=False,
-        ) from None
-    if not policy.permits(ip):
+        )
+    if verdict == "refused":
         raise PermanentFailure(
             "SSRF_BLOCKED",
-            f"{origin}: {ip} is a private or reserved address",
+            f"{origin}: {host} is a private or reserved address",
             reached_service=False,
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_verdict(host: str, policy: NetworkPolicy) -> str:
+    """ "ok", "refused" or "invalid" for an IP-literal host (cached: the same hosts recur)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "invalid"
+    return "ok" if policy.permits(ip) else "refused"
 
 
 async def _send(
