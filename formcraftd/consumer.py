@@ -17,7 +17,7 @@ from typing import Any, Literal
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 
-from formcraftd import jobs
+from formcraftd import jobs, tracking
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import WorkerTopology, declare_consumer_queue
 from formcraftd.config import AnyWorkerConfig, BreakerConfig, DaemonConfig
@@ -288,6 +288,7 @@ class Consumer:
                 )
                 await self._outcomes.dead_letter(message, ctx.job_id, failure, ctx.attempt - 1)
                 self._metrics.dead_letter.inc()
+                self._report_dead_letter(None, ctx, failure, ctx.attempt - 1)
                 self._log_job(None, ctx, "dead_letter", failure, 0.0)
             else:
                 headers = carried_headers(message.headers)
@@ -357,6 +358,7 @@ class Consumer:
             raise
         except Exception as exc:
             breaker.release()
+            tracking.unexpected(exc, queue=self.queue_name, job_id=ctx.job_id)
             log.exception(
                 "handler for %s raised unexpectedly (job %s)", self.queue_name, ctx.job_id
             )
@@ -427,6 +429,7 @@ class Consumer:
         assert isinstance(failure, PermanentFailure)
         await self._outcomes.dead_letter(message, ctx.job_id, failure, ctx.attempt)
         self._metrics.dead_letter.inc()
+        self._report_dead_letter(job, ctx, failure, ctx.attempt)
         return "dead_letter", failure
 
     async def _retry(
@@ -460,6 +463,7 @@ class Consumer:
             )
             await self._outcomes.dead_letter(message, ctx.job_id, expired, ctx.attempt - 1)
             self._metrics.dead_letter.inc()
+            self._report_dead_letter(None, ctx, expired, ctx.attempt - 1)
             return "dead_letter", expired
         headers = carried_headers(message.headers)
         headers[ATTEMPT_HEADER] = ctx.attempt - 1
@@ -468,6 +472,19 @@ class Consumer:
         await self._outcomes.to_tier(message, ctx.job_id, message.body, headers, tier)
         self._metrics.delayed.inc()
         return "delayed", failure
+
+    def _report_dead_letter(
+        self, job: Job | None, ctx: JobContext, failure: PermanentFailure, attempts: int
+    ) -> None:
+        tracking.dead_lettered(
+            queue=self.queue_name,
+            job_id=ctx.job_id,
+            form_id=job.metadata.form_id if job is not None else None,
+            submission_id=job.metadata.submission_id if job is not None else None,
+            code=failure.code,
+            reason=failure.reason,
+            attempts=attempts,
+        )
 
     def _log_job(
         self,

@@ -1,0 +1,101 @@
+"""The broker goes away mid-stream: the daemon reconnects by itself and loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import pytest
+from aiohttp import web
+
+from formcraftd.daemon import Daemon
+from formcraftd.workers.webhook import webhook_id
+from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.support import Broker, Names, make_config, webhook_job
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(240)]
+
+JOBS = 300
+
+
+async def rabbitmqctl(*args: str) -> None:
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120
+    )
+
+
+async def wait_health(daemon: Daemon, healthy: bool, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while daemon.health()[0] != healthy:
+        assert time.monotonic() < deadline, f"health never became {healthy}"
+        await asyncio.sleep(0.02)
+
+
+async def publish_all(amqp: Broker, queue: str, url: str) -> list[str]:
+    return [await amqp.publish(queue, webhook_job(url, submission_id=str(i))) for i in range(JOBS)]
+
+
+def paced(delay: float):  # type: ignore[no-untyped-def]
+    async def answer(_request: web.Request, _n: int) -> web.StreamResponse:
+        await asyncio.sleep(delay)
+        return web.Response(status=200)
+
+    return answer
+
+
+async def assert_all_delivered(receiver_requests: list, ids: list[str], url: str) -> int:  # type: ignore[type-arg]
+    """Every job arrived at least once; the number of duplicates."""
+    got = [request.headers["webhook-id"] for request in receiver_requests]
+    wanted = {webhook_id(job_id, url) for job_id in ids}
+    assert wanted <= set(got), f"{len(wanted - set(got))} jobs lost"
+    return len(got) - len(set(got))
+
+
+async def test_connections_closed_mid_stream(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """close_all_connections while jobs flow: 503 then 200, a reconnect counted, all delivered."""
+    receiver = await receiver_factory(paced(0.01))
+    cfg = make_config(names, webhook={"concurrency": 8})
+    daemon = await start_daemon(cfg)
+    ids = await publish_all(amqp, cfg.workers.webhook.queue, receiver.url)
+    await receiver.wait_for(JOBS // 4)
+    try:
+        await rabbitmqctl("close_all_connections", "fault test")
+        await wait_health(daemon, False, 10)
+        await wait_health(daemon, True, 30)
+    finally:
+        await amqp.connection.connected.wait()
+    await receiver.wait_for(JOBS, timeout=60)
+    await asyncio.sleep(0.5)
+    duplicates = await assert_all_delivered(receiver.requests, ids, receiver.url)
+    assert duplicates <= 2 * 8 * 2  # at most the unacked window of one channel
+    metrics = daemon.render_metrics().decode()
+    assert "formcraftd_reconnects_total 1.0" in metrics
+    assert "formcraftd_broker_connected 1.0" in metrics
+
+
+async def test_broker_application_stopped_and_started(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """stop_app / start_app mid-stream: the daemon waits, reconnects and delivers every job."""
+    receiver = await receiver_factory(paced(0.01))
+    cfg = make_config(names, webhook={"concurrency": 8})
+    daemon = await start_daemon(cfg)
+    ids = await publish_all(amqp, cfg.workers.webhook.queue, receiver.url)
+    await receiver.wait_for(JOBS // 4)
+    try:
+        await rabbitmqctl("stop_app")
+        await wait_health(daemon, False, 20)
+        await asyncio.sleep(2)
+        assert not daemon.health()[0]
+    finally:
+        await rabbitmqctl("start_app")
+        await rabbitmqctl("await_startup")
+    await wait_health(daemon, True, 60)
+    await amqp.connection.connected.wait()
+    await receiver.wait_for(JOBS, timeout=90)
+    await asyncio.sleep(0.5)
+    await assert_all_delivered(receiver.requests, ids, receiver.url)
+    assert await amqp.depth(f"dlq.{cfg.workers.webhook.queue}") == 0
