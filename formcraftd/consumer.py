@@ -351,7 +351,10 @@ class Consumer:
                 breaker.release()
             return exc
         except RetryLater as exc:
-            breaker.record_failure()
+            if exc.counts_for_breaker:
+                breaker.record_failure()
+            else:
+                breaker.release()
             return exc
         except asyncio.CancelledError:
             breaker.release()

@@ -90,12 +90,15 @@ class RetryLater(JobFailure):
         after: float | None = None,
         status: int | None = None,
         replacement: object | None = None,
+        counts_for_breaker: bool = True,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.after = after
         self.status = status
         self.replacement = replacement
+        # False for the other jobs of a batch whose one call failed: one call, one failure.
+        self.counts_for_breaker = counts_for_breaker
 
     def __repr__(self) -> str:
         return f"RetryLater({self.reason!r}, after={self.after}, status={self.status})"

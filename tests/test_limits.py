@@ -1,4 +1,4 @@
-"""Tests for the resizable concurrency limiter."""
+"""Tests for the resizable concurrency limiter and the token bucket."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from formcraftd.limits import ResizableLimiter
+from formcraftd.limits import ResizableLimiter, TokenBucket
 
 # A slot lost by a bug shows up as a task that waits forever: fail fast instead.
 pytestmark = pytest.mark.timeout(10)
@@ -223,3 +223,144 @@ def test_resize_below_one_is_rejected(limiter: ResizableLimiter) -> None:
     with pytest.raises(ValueError, match="limit"):
         limiter.resize(0)
     assert limiter.limit == 2
+
+
+# --- TokenBucket -------------------------------------------------------------------
+
+
+class VirtualClock:
+    """A clock that only moves when a bucket sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+def bucket_on(clock: VirtualClock, rate_per_minute: float, **kwargs: float) -> TokenBucket:
+    return TokenBucket(rate_per_minute, clock=clock, sleep=clock.sleep, **kwargs)
+
+
+async def test_bucket_starts_full_and_hands_out_its_capacity_at_once() -> None:
+    """A new bucket gives `capacity` tokens without waiting."""
+    clock = VirtualClock()
+    bucket = bucket_on(clock, 60, capacity=5)
+    for _ in range(5):
+        await bucket.acquire()
+    assert clock.sleeps == []
+
+
+async def test_bucket_holds_the_configured_rate() -> None:
+    """Beyond the burst, tokens come at rate_per_minute / 60 a second."""
+    clock = VirtualClock()
+    bucket = bucket_on(clock, 120)  # 2 a second, capacity 2
+    for _ in range(12):
+        await bucket.acquire()
+    assert clock.now - 1000.0 == pytest.approx(5.0)
+
+
+def test_bucket_default_capacity_is_one_second_of_tokens() -> None:
+    """Without a capacity, the burst is a second's worth of tokens, at least one."""
+    assert (TokenBucket(300).capacity, TokenBucket(30).capacity) == (5.0, 1.0)
+
+
+async def test_bucket_refills_while_idle_up_to_capacity() -> None:
+    """Idle time refills the bucket, but never beyond its capacity."""
+    clock = VirtualClock()
+    bucket = bucket_on(clock, 60, capacity=3)
+    for _ in range(3):
+        await bucket.acquire()
+    clock.now += 3600
+    assert bucket.available == pytest.approx(3.0)
+
+
+async def test_bucket_pause_holds_every_token_until_it_ends() -> None:
+    """After pause(5), the next token comes 5 s later, and only one at once."""
+    clock = VirtualClock()
+    bucket = bucket_on(clock, 60, capacity=10)
+    bucket.pause(5)
+    await bucket.acquire()
+    first = clock.now - 1000.0
+    await bucket.acquire()
+    assert first == pytest.approx(5.0)
+    assert clock.now - 1000.0 == pytest.approx(6.0)
+
+
+async def test_bucket_shorter_pause_does_not_cut_a_longer_one() -> None:
+    """A later, shorter pause keeps the end of the longer one."""
+    clock = VirtualClock()
+    bucket = bucket_on(clock, 60)
+    bucket.pause(10)
+    bucket.pause(2)
+    await bucket.acquire()
+    assert clock.now - 1000.0 == pytest.approx(10.0)
+
+
+async def test_bucket_reconfigure_changes_the_rate() -> None:
+    """After reconfigure(600), tokens come ten times a second."""
+    clock = VirtualClock()
+    bucket = bucket_on(clock, 60, capacity=1)
+    await bucket.acquire()
+    bucket.reconfigure(600, capacity=1)
+    await bucket.acquire()
+    assert clock.now - 1000.0 == pytest.approx(0.1)
+    assert bucket.rate_per_minute == 600
+
+
+async def test_bucket_reconfigure_keeps_saved_tokens_within_the_new_capacity() -> None:
+    """Shrinking the capacity drops the saved tokens above it."""
+    clock = VirtualClock()
+    bucket = bucket_on(clock, 6000)  # capacity 100
+    bucket.reconfigure(60)
+    assert bucket.available == pytest.approx(1.0)
+
+
+async def test_bucket_waiters_are_served_fifo() -> None:
+    """Waiting acquirers get their tokens in the order they asked."""
+    clock = VirtualClock()
+    bucket = bucket_on(clock, 60, capacity=1)
+    order: list[int] = []
+
+    async def take(ident: int) -> None:
+        await bucket.acquire()
+        order.append(ident)
+
+    async with asyncio.TaskGroup() as tg:
+        for ident in range(5):
+            tg.create_task(take(ident))
+    assert order == [0, 1, 2, 3, 4]
+    assert clock.now - 1000.0 == pytest.approx(4.0)
+
+
+async def test_bucket_cancelled_waiter_takes_no_token() -> None:
+    """A waiter cancelled while it sleeps leaves the bucket as if it never asked."""
+    bucket = TokenBucket(60, capacity=1)  # real clock: the waiter sleeps for a second
+    await bucket.acquire()
+    waiter = asyncio.ensure_future(bucket.acquire())
+    await settle()
+    assert bucket.busy
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not bucket.busy
+    assert bucket.available < 1
+
+
+@pytest.mark.parametrize("rate", [0, -1, float("nan"), float("inf")])
+def test_bucket_rejects_a_rate_that_is_not_positive(rate: float) -> None:
+    """The rate must be a positive, finite number."""
+    with pytest.raises(ValueError, match="rate_per_minute"):
+        TokenBucket(rate)
+
+
+def test_bucket_rejects_a_capacity_below_one() -> None:
+    """A bucket must be able to hold at least one token."""
+    with pytest.raises(ValueError, match="capacity"):
+        TokenBucket(60, capacity=0.5)
