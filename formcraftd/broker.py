@@ -23,6 +23,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     AbstractRobustQueue,
 )
+from aio_pika.connection import make_url
+from aio_pika.robust_connection import RobustConnection
+from yarl import URL
 
 from formcraftd import __version__
 from formcraftd.config import AnyWorkerConfig, BrokerConfig, mask_url
@@ -86,6 +89,45 @@ class WorkerTopology:
         return (self.main, self.dead_letter_queue, *self.retry_queues)
 
 
+class FailoverConnection(RobustConnection):
+    """A robust connection to a cluster: every reconnection attempt tries the next node.
+
+    aio-pika reconnects to the URL it started with; when that node is gone
+    for good, the daemon must move on. Each attempt begins by clearing
+    `transport`, which is where the next node's URL is chosen.
+    """
+
+    def __init__(self, url: URL, *, nodes: list[URL], **kwargs: Any) -> None:
+        self._nodes = nodes or [url]
+        self._next_node = next(
+            (
+                i + 1
+                for i, node in enumerate(self._nodes)
+                if node.host == url.host and node.port == url.port
+            ),
+            1,
+        )
+        self._failover = False  # only after the first connection succeeded
+        self._transport: Any = None
+        super().__init__(url, **kwargs)
+
+    @property
+    def transport(self) -> Any:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: Any) -> None:
+        if value is None and self._failover and len(self._nodes) > 1:
+            self.url = self._nodes[self._next_node % len(self._nodes)]
+            self._next_node += 1
+            log.info("trying broker node %s", mask_url(str(self.url)))
+        self._transport = value
+
+    async def _on_connected(self) -> None:
+        await super()._on_connected()
+        self._failover = True
+
+
 class Broker:
     """Owns the robust connection and reports its state through callbacks."""
 
@@ -135,13 +177,24 @@ class Broker:
 
     async def _open(self, url: str, deadline: float) -> AbstractRobustConnection:
         timeout = max(1.0, min(10.0, deadline - time.monotonic()))
-        return await aio_pika.connect_robust(
+        options: dict[str, Any] = {
+            "heartbeat": self._config.heartbeat_s,
+            "reconnect_interval": 1,
+        }
+        nodes = [make_url(u.strip(), **options) for u in self._config.url.split(",") if u.strip()]
+
+        def factory(first: URL, **kwargs: Any) -> FailoverConnection:
+            return FailoverConnection(first, nodes=nodes, **kwargs)
+
+        connection = await aio_pika.connect_robust(
             url,
             timeout=timeout,
-            heartbeat=self._config.heartbeat_s,
-            reconnect_interval=1,
             client_properties={"connection_name": f"formcraftd/{__version__}"},
+            connection_class=factory,
+            **options,
         )
+        assert isinstance(connection, AbstractRobustConnection)
+        return connection
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected
