@@ -1,4 +1,4 @@
-"""The AMQP side: one robust connection, the topology of SPEC §4, confirmed publishing.
+"""The AMQP side: one robust connection, the queue topology, confirmed publishing.
 
 The connection is an aio-pika robust connection: it reconnects by itself and
 restores channels, queues and consumers. Topology is declared on a throwaway
@@ -47,7 +47,7 @@ class QueueSpec:
 
 @dataclass(frozen=True, slots=True)
 class WorkerTopology:
-    """Every entity one worker needs, derived from its config (SPEC §4)."""
+    """Every entity one worker needs, derived from its config ."""
 
     main: QueueSpec
     dead_letter_exchange: str
@@ -57,7 +57,18 @@ class WorkerTopology:
     @classmethod
     def build(cls, worker: AnyWorkerConfig, broker: BrokerConfig) -> WorkerTopology:
         queue_type = {"x-queue-type": broker.queue_type}
-        main_args: Arguments = {**queue_type, "x-dead-letter-exchange": worker.dead_letter_exchange}
+        # Quorum queues dead-letter at most once by default; a dead letter (or a
+        # retry leaving its wait queue) could then be lost between nodes.
+        safe_dead_lettering: Arguments = (
+            {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+            if broker.queue_type == "quorum"
+            else {}
+        )
+        main_args: Arguments = {
+            **queue_type,
+            "x-dead-letter-exchange": worker.dead_letter_exchange,
+            **safe_dead_lettering,
+        }
         if broker.queue_type == "quorum":
             main_args["x-delivery-limit"] = broker.delivery_limit
         if getattr(worker, "single_active_consumer", False):
@@ -74,6 +85,7 @@ class WorkerTopology:
                     "x-message-ttl": delay,
                     "x-dead-letter-exchange": "",
                     "x-dead-letter-routing-key": worker.queue,
+                    **safe_dead_lettering,
                 },
             )
             for delay in schedule.tiers()

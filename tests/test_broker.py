@@ -132,3 +132,24 @@ async def test_dead_letter_ttl_gives_the_dlq_a_message_ttl(names: Names, amqp: B
     assert await amqp.depth(topology.dead_letter_queue.name) == 1
     await asyncio.sleep(0.5)
     assert await amqp.depth(topology.dead_letter_queue.name) == 0
+
+
+def test_quorum_topology_dead_letters_at_least_once(names: Names) -> None:
+    """Quorum main and wait queues use at-least-once dead-lettering and a delivery limit."""
+    cfg = make_config(names, broker={"queue_type": "quorum", "delivery_limit": 7})
+    topology = WorkerTopology.build(cfg.workers.webhook, cfg.broker)
+    for spec in (topology.main, *topology.retry_queues):
+        assert spec.arguments["x-queue-type"] == "quorum"
+        assert spec.arguments["x-dead-letter-strategy"] == "at-least-once"
+        assert spec.arguments["x-overflow"] == "reject-publish"
+    assert topology.main.arguments["x-delivery-limit"] == 7
+    assert topology.dead_letter_queue.arguments["x-queue-type"] == "quorum"
+
+
+def test_sheets_single_active_consumer_is_declared(names: Names) -> None:
+    """workers.sheets.single_active_consumer sets x-single-active-consumer on its queue only."""
+    cfg = make_config(names, sheets={"single_active_consumer": True})
+    sheets = WorkerTopology.build(cfg.workers.sheets, cfg.broker)
+    webhook = WorkerTopology.build(cfg.workers.webhook, cfg.broker)
+    assert sheets.main.arguments["x-single-active-consumer"] is True
+    assert "x-single-active-consumer" not in webhook.main.arguments
