@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import uuid
 from collections.abc import Sequence
@@ -42,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     with_config(commands.add_parser("run", help="run the daemon"))
     with_config(commands.add_parser("check-config", help="validate and print the effective config"))
     schema = commands.add_parser("schema", help="print the JSON Schema of the job messages")
-    schema.add_argument("kind", nargs="?", choices=sorted(jobs.JOB_TYPES))
+    schema.add_argument(
+        "kind",
+        nargs="?",
+        choices=[*sorted(jobs.JOB_TYPES), "events"],
+        help="one job type, or the delivery events (default: every job type)",
+    )
     enqueue = with_config(commands.add_parser("enqueue", help="publish a job from a JSON file"))
     enqueue.add_argument("file", metavar="FILE.json", help="the job ('-' reads stdin)")
     dlq_cmd = with_config(commands.add_parser("dlq", help="dead-letter queue tools"))
@@ -50,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     dlq_cmd.add_argument("queue", help="the main queue, e.g. webhook_tasks")
     dlq_cmd.add_argument(
         "--limit", type=int, default=None, metavar="N", help="at most N messages (list: default 10)"
+    )
+    events_cmd = with_config(commands.add_parser("events", help="delivery events"))
+    events_cmd.add_argument("action", choices=["tail"])
+    events_cmd.add_argument(
+        "--filter",
+        default="#",
+        metavar="PATTERN",
+        help="routing-key pattern, e.g. 'webhook.*' or '*.dead_lettered'",
+    )
+    events_cmd.add_argument(
+        "--count", type=int, default=None, metavar="N", help="stop after N events"
     )
     return parser
 
@@ -85,9 +102,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    sys.stdout.write(
-        orjson.dumps(jobs.schema(args.kind), option=orjson.OPT_INDENT_2).decode() + "\n"
-    )
+    from formcraftd import events
+
+    document = events.schema() if args.kind == "events" else jobs.schema(args.kind)
+    sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK
 
 
@@ -159,12 +177,47 @@ async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -
         await broker.aclose()
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_tail_events(cfg, args.filter, args.count))
+    return EXIT_OK
+
+
+async def _tail_events(cfg: config.Config, pattern: str, count: int | None) -> None:
+    """Print events as they arrive, from a temporary exclusive queue bound to the exchange."""
+    from formcraftd.broker import Broker
+
+    broker = Broker(cfg.broker)
+    await broker.connect()
+    try:
+        channel = await broker.connection.channel()
+        exchange = await channel.declare_exchange(
+            cfg.events.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=pattern)
+        print(f"# tailing {cfg.events.exchange} ({pattern}); Ctrl-C to stop", file=sys.stderr)
+        seen = 0
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                sys.stdout.write(message.body.decode("utf-8", "replace") + "\n")
+                sys.stdout.flush()
+                seen += 1
+                if count is not None and seen >= count:
+                    break
+    finally:
+        await broker.aclose()
+
+
 COMMANDS = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "schema": cmd_schema,
     "enqueue": cmd_enqueue,
     "dlq": cmd_dlq,
+    "events": cmd_events,
 }
 
 

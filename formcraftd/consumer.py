@@ -12,17 +12,19 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 
-from formcraftd import jobs, tracking
+from formcraftd import events, jobs, tracking
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import WorkerTopology, declare_consumer_queue
-from formcraftd.config import AnyWorkerConfig, BreakerConfig, DaemonConfig
+from formcraftd.config import AnyWorkerConfig, BreakerConfig, DaemonConfig, WorkerKind
 from formcraftd.errors import BreakerOpen, PermanentFailure, RetryLater
-from formcraftd.jobs import Handler, Job, JobContext, JobInvalid
+from formcraftd.events import DeliveryEvent, Event
+from formcraftd.jobs import Delivered, Handler, Job, JobContext, JobInvalid
 from formcraftd.limits import ResizableLimiter
 from formcraftd.metrics import QueueMetrics
 from formcraftd.outcomes import (
@@ -43,6 +45,13 @@ log = logging.getLogger("formcraftd.consumer")
 
 _JOB_CLASSES = (jobs.WebhookJob, jobs.EmailJob, jobs.SheetsJob)
 
+EVENT_OUTCOMES: dict[str, events.Outcome] = {
+    "success": "succeeded",
+    "retry": "retrying",
+    "dead_letter": "dead_lettered",
+    "delayed": "delayed",
+}
+
 ConsumerState = Literal["starting", "consuming", "paused", "stopping", "stopped"]
 
 
@@ -52,6 +61,7 @@ class Consumer:
     def __init__(
         self,
         *,
+        kind: WorkerKind,
         worker: AnyWorkerConfig,
         topology: WorkerTopology,
         handler: Handler[Any],
@@ -61,9 +71,12 @@ class Consumer:
         daemon_config: DaemonConfig,
         metrics: QueueMetrics,
         prefetch: int,
+        emit: Callable[[Event], None] | None = None,
     ) -> None:
         self.queue_name = worker.queue
+        self.kind = kind
         self.prefetch = prefetch  # what the channel's QoS is set to
+        self._emit = emit  # delivery events, when enabled
         self.handler = handler
         self._worker = worker
         self._topology = topology
@@ -252,11 +265,11 @@ class Consumer:
             return
         if self.handler.batching:
             ctx = dataclasses.replace(ctx, slot=self.limiter)
-            failure, duration = await self._run_handler(job, ctx, task)
+            result, duration = await self._run_handler(job, ctx, task)
         else:
             async with self.limiter:
-                failure, duration = await self._run_handler(job, ctx, task)
-        await self._settle_outcome(message, job, ctx, failure, duration)
+                result, duration = await self._run_handler(job, ctx, task)
+        await self._settle_outcome(message, job, ctx, result, duration)
 
     async def _handle_redelivery(self, message: AbstractIncomingMessage, ctx: JobContext) -> bool:
         """Settle a redelivered message without running it, when that is the safe thing.
@@ -290,6 +303,17 @@ class Consumer:
                 self._metrics.dead_letter.inc()
                 self._report_dead_letter(None, ctx, failure, ctx.attempt - 1)
                 self._log_job(None, ctx, "dead_letter", failure, 0.0)
+                if self._emit is not None:
+                    self._emit(
+                        self._event(
+                            job=None,
+                            ctx=ctx,
+                            outcome="dead_letter",
+                            failure=failure,
+                            delivered=None,
+                            duration=0.0,
+                        )
+                    )
             else:
                 headers = carried_headers(message.headers)
                 headers[REDELIVERIES_HEADER] = redeliveries
@@ -308,17 +332,17 @@ class Consumer:
 
     async def _run_handler(
         self, job: Job, ctx: JobContext, task: asyncio.Task[None]
-    ) -> tuple[Exception | None, float]:
-        """One try, counted as in flight; the failure (None on success) and its duration."""
+    ) -> tuple[Exception | Delivered | None, float]:
+        """One try, counted as in flight; its result and its duration."""
         self._waiting.discard(task)
         started = self._running[task] = time.monotonic()
         self._metrics.in_flight.inc()
         try:
-            failure = await self._attempt(job, ctx)
+            result = await self._attempt(job, ctx)
         finally:
             self._metrics.in_flight.dec()
             self._running.pop(task, None)
-        return failure, time.monotonic() - started
+        return result, time.monotonic() - started
 
     def _decode(self, message: AbstractIncomingMessage) -> Job | PermanentFailure:
         """The typed job, or the VALIDATION_ERROR that dead-letters the message."""
@@ -335,15 +359,15 @@ class Consumer:
             return PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False)
         return job
 
-    async def _attempt(self, job: Job, ctx: JobContext) -> Exception | None:
-        """Run the handler under the job's breaker; the failure, or None on success."""
+    async def _attempt(self, job: Job, ctx: JobContext) -> Exception | Delivered | None:
+        """Run the handler under the job's breaker; the failure, or what it delivered."""
         breaker = self._breakers.get(self.handler.breaker_key(job))
         try:
             breaker.acquire()
         except BreakerOpen as exc:
             return exc
         try:
-            await self.handler.handle(job, ctx)
+            delivered = await self.handler.handle(job, ctx)
         except PermanentFailure as exc:
             if exc.reached_service:
                 breaker.record_success()
@@ -367,7 +391,7 @@ class Consumer:
             )
             return RetryLater(f"internal error: {type(exc).__name__}")
         breaker.record_success()
-        return None
+        return delivered
 
     # --- outcomes -----------------------------------------------------------------
 
@@ -376,9 +400,10 @@ class Consumer:
         message: AbstractIncomingMessage,
         job: Job | None,
         ctx: JobContext,
-        failure: Exception | None,
+        result: Exception | Delivered | None,
         duration: float,
     ) -> None:
+        failure = result if isinstance(result, Exception) else None
         try:
             outcome, final = await self._publish_outcome(message, job, ctx, failure)
         except Exception as exc:
@@ -405,6 +430,18 @@ class Consumer:
         if job is not None and not isinstance(failure, BreakerOpen):
             self._metrics.duration.observe(duration)
         self._log_job(job, ctx, outcome, final, duration)
+        if self._emit is not None:
+            delivered = result if isinstance(result, Delivered) else None
+            self._emit(
+                self._event(
+                    job=job,
+                    ctx=ctx,
+                    outcome=outcome,
+                    failure=final,
+                    delivered=delivered,
+                    duration=duration,
+                )
+            )
 
     async def _publish_outcome(
         self,
@@ -428,6 +465,7 @@ class Consumer:
                 "RETRIES_EXHAUSTED",
                 f"gave up after {ctx.attempt} tries: {failure.reason}",
                 status=failure.status,
+                snippet=failure.snippet,
             )
         assert isinstance(failure, PermanentFailure)
         await self._outcomes.dead_letter(message, ctx.job_id, failure, ctx.attempt)
@@ -487,6 +525,37 @@ class Consumer:
             code=failure.code,
             reason=failure.reason,
             attempts=attempts,
+        )
+
+    def _event(
+        self,
+        *,
+        job: Job | None,
+        ctx: JobContext,
+        outcome: str,
+        failure: Exception | None,
+        delivered: Delivered | None,
+        duration: float,
+    ) -> DeliveryEvent:
+        """The delivery event of one attempt (never a secret: reasons are redacted)."""
+        status = getattr(failure, "status", None) if failure else None
+        snippet = getattr(failure, "snippet", None) if failure else None
+        if delivered is not None:
+            status, snippet = delivered.status, delivered.snippet
+        return DeliveryEvent(
+            kind=self.kind,
+            outcome=EVENT_OUTCOMES[outcome],
+            job_id=ctx.job_id,
+            queue=self.queue_name,
+            form_id=job.metadata.form_id if job is not None else None,
+            submission_id=job.metadata.submission_id if job is not None else None,
+            attempt=ctx.attempt,
+            status_code=status,
+            duration_ms=round(duration * 1000, 1),
+            error_code=failure.code if isinstance(failure, PermanentFailure) else None,
+            error=events.snippet(str(failure)) if failure is not None else None,
+            response_snippet=events.snippet(snippet),
+            at=events.now(),
         )
 
     def _log_job(

@@ -17,21 +17,26 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
 
 from formcraftd import __version__, dlq, systemd
+from formcraftd import events as events_module
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import Broker, WorkerTopology
 from formcraftd.config import AnyWorkerConfig, Config, WorkerKind
 from formcraftd.consumer import Consumer
+from formcraftd.events import EventPublisher, TokenRefreshedEvent
 from formcraftd.jobs import Handler
 from formcraftd.metrics import Metrics
 from formcraftd.monitor import Monitor, QueueSample
 from formcraftd.reload import Reloader
 from formcraftd.web import UnknownQueue, build_app, start_server
+
+if TYPE_CHECKING:
+    from formcraftd.google_auth import AccessToken
 
 log = logging.getLogger("formcraftd.daemon")
 
@@ -74,6 +79,7 @@ class Daemon:
         self.consumers: dict[str, Consumer] = {}
         self.kinds: dict[str, WorkerKind] = {}
         self.monitor = Monitor(config.monitoring, source=self, metrics=self.metrics)
+        self.events = EventPublisher(config.events, config.broker, self.metrics.events_dropped)
         self.reloader = Reloader(self)
         self.http_runner: web.AppRunner | None = None
         self.started = asyncio.Event()
@@ -133,6 +139,7 @@ class Daemon:
                     tg.create_task(self._watchdog(), name="watchdog"),
                     tg.create_task(self.monitor.run(), name="monitor"),
                     tg.create_task(self._reload_loop(), name="reload"),
+                    tg.create_task(self.events.run(), name="events"),
                 ]
                 await self._should_exit.wait()
                 systemd.notify("STOPPING=1")
@@ -172,6 +179,7 @@ class Daemon:
         channel = await self.broker.channel(prefetch=prefetch)
         self.kinds[worker.queue] = kind
         self.consumers[worker.queue] = Consumer(
+            kind=kind,
             worker=worker,
             topology=topology,
             handler=handler,
@@ -181,7 +189,10 @@ class Daemon:
             daemon_config=self.config.daemon,
             metrics=self.metrics.queue(worker.queue),
             prefetch=prefetch,
+            emit=self.events.emit if self.events.enabled else None,
         )
+        if kind == "sheets" and self.events.enabled:
+            handler.on_token_refreshed = self._token_refreshed  # type: ignore[attr-defined]
 
     async def _close(self) -> None:
         """Close what was opened, in reverse order; log and continue on errors."""
@@ -210,6 +221,17 @@ class Daemon:
     async def reload(self) -> dict[str, Any]:
         """Re-read and apply the config file (SIGHUP and POST /admin/reload)."""
         return await self.reloader.reload()
+
+    def _token_refreshed(self, form_id: str, token: AccessToken) -> None:
+        """Hand a refreshed Google token to the app through the events exchange only."""
+        self.events.emit(
+            TokenRefreshedEvent(
+                form_id=form_id,
+                access_token=token.value,
+                expiry_date=token.expiry_ms,
+                at=events_module.now(),
+            )
+        )
 
     # --- state for health, status, the monitor ----------------------------------------
 

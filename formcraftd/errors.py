@@ -65,12 +65,14 @@ class PermanentFailure(JobFailure):
         *,
         status: int | None = None,
         reached_service: bool = True,
+        snippet: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.code: ErrorCode = code
         self.reason = reason
         self.status = status
         self.reached_service = reached_service
+        self.snippet = snippet  # the start of the remote answer, for delivery events
 
     def __repr__(self) -> str:
         return f"PermanentFailure({self.code}, {self.reason!r}, status={self.status})"
@@ -91,12 +93,14 @@ class RetryLater(JobFailure):
         status: int | None = None,
         replacement: object | None = None,
         counts_for_breaker: bool = True,
+        snippet: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.after = after
         self.status = status
         self.replacement = replacement
+        self.snippet = snippet
         # False for the other jobs of a batch whose one call failed: one call, one failure.
         self.counts_for_breaker = counts_for_breaker
 

@@ -200,6 +200,14 @@ class JobContext:
     slot: contextlib.AbstractAsyncContextManager[None] = _NO_SLOT
 
 
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """What a handler may report about a successful delivery (for delivery events)."""
+
+    status: int | None = None
+    snippet: str | None = None
+
+
 class Handler(Protocol[J]):
     """A worker: takes a typed job, returns on success or raises a job-fate exception.
 
@@ -223,7 +231,7 @@ class Handler(Protocol[J]):
 
     def breaker_key(self, job: J) -> str: ...
 
-    async def handle(self, job: J, ctx: JobContext) -> None: ...
+    async def handle(self, job: J, ctx: JobContext) -> Delivered | None: ...
 
     async def start(self) -> None: ...
 

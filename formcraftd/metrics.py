@@ -85,6 +85,11 @@ class Metrics:
             ["queue"],
             registry=r,
         )
+        self.events_dropped = Counter(
+            "formcraftd_events_dropped",
+            "Delivery events dropped (buffer full, or the broker refused them).",
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "formcraftd_breaker_state", "0 closed, 1 half-open, 2 open.", ["key"], registry=r
         )

@@ -34,7 +34,7 @@ from yarl import URL
 
 from formcraftd.config import WebhookWorkerConfig
 from formcraftd.errors import PermanentFailure, RetryLater
-from formcraftd.jobs import JobContext, WebhookJob
+from formcraftd.jobs import Delivered, JobContext, WebhookJob
 from formcraftd.netguard import AddressRefused, GuardedResolver, NetworkPolicy
 
 if TYPE_CHECKING:
@@ -258,7 +258,7 @@ class WebhookHandler:
         """`webhook:<host>:<port>` of the job's URL."""
         return breaker_key(job.payload.url)
 
-    async def handle(self, job: WebhookJob, ctx: JobContext) -> None:
+    async def handle(self, job: WebhookJob, ctx: JobContext) -> Delivered:
         """Deliver once: return on 2xx, else raise PermanentFailure or RetryLater."""
         settings = self._settings  # one read: a reload mid-request does not mix settings
         request = self._build(job, ctx, settings.policy)
@@ -279,7 +279,7 @@ class WebhookHandler:
             ctx.job_id,
             ctx.attempt,
         )
-        _judge(response, request)
+        return _judge(response, request)
 
     def _pool_for(self, settings: _Settings) -> _Pool:
         """The session for the current policy; a changed policy gets a fresh one.
@@ -452,20 +452,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__} ({strerror})" if strerror else type(exc).__name__
 
 
-def _judge(response: _Response, request: _Request) -> None:
-    """Return on 2xx; raise the job's fate otherwise."""
+def _judge(response: _Response, request: _Request) -> Delivered:
+    """What was delivered on 2xx; raise the job's fate otherwise."""
     status = response.status
+    snippet = _snippet(response.head, request.sensitive)
     if 200 <= status < 300:
-        return
+        return Delivered(status, snippet)
     reason = f"HTTP {status} from {request.origin}"
     if 300 <= status < 400:
         reason += " (redirects are not followed)"
-    snippet = _snippet(response.head, request.sensitive)
     if snippet:
         reason += f": {snippet}"
     if status in _RETRYABLE or 500 <= status < 600:
-        raise RetryLater(reason, after=parse_retry_after(response.retry_after), status=status)
-    raise PermanentFailure("HTTP_STATUS", reason, status=status)
+        raise RetryLater(
+            reason, after=parse_retry_after(response.retry_after), status=status, snippet=snippet
+        )
+    raise PermanentFailure("HTTP_STATUS", reason, status=status, snippet=snippet)
 
 
 def _snippet(head: bytes, sensitive: tuple[str, ...]) -> str:

@@ -1,0 +1,291 @@
+"""Delivery events: one per attempt, right fields, no secrets, never in a job's way."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractQueue
+from aiohttp import web
+
+from formcraftd.config import Config
+from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.fake_google import CLIENT_SECRET, FakeGoogle, sheets_job_body
+from tests.smtp_support import SmtpServer, email_payload, running_servers
+from tests.support import Broker, Names, make_config, webhook_job
+from tests.test_process import free_port, run_cli, write_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+SECRET = "whsec_ZXZlbnRzLXRlc3Qtc2VjcmV0"
+SMTP_PASSWORD = "smtp-password-never-in-events"
+
+
+class EventTap:
+    """A test queue bound to the events exchange, collecting every event."""
+
+    def __init__(self, queue: AbstractQueue) -> None:
+        self.queue = queue
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.raw: list[bytes] = []
+
+    async def wait(self, count: int, timeout: float = 20) -> list[tuple[str, dict[str, Any]]]:
+        deadline = time.monotonic() + timeout
+        while len(self.events) < count:
+            message = await self.queue.get(no_ack=True, fail=False)
+            if message is None:
+                assert time.monotonic() < deadline, f"only {len(self.events)} events: {self.events}"
+                await asyncio.sleep(0.05)
+                continue
+            self.raw.append(message.body)
+            self.events.append((message.routing_key or "", orjson.loads(message.body)))
+        return self.events
+
+    async def quiet(self, seconds: float = 0.5) -> None:
+        """Collect whatever else arrives within `seconds`."""
+        await asyncio.sleep(seconds)
+        while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
+            self.raw.append(message.body)
+            self.events.append((message.routing_key or "", orjson.loads(message.body)))
+
+
+@pytest.fixture
+async def tap(names: Names, amqp: Broker) -> AsyncIterator[EventTap]:
+    channel = await amqp.connection.channel()
+    exchange = await channel.declare_exchange(
+        f"{names.prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key="#")
+    yield EventTap(queue)
+    await channel.exchange_delete(f"{names.prefix}.events")
+    await channel.close()
+
+
+def events_config(names: Names, **sections: dict[str, Any]) -> Config:
+    events = {"enabled": True, "exchange": f"{names.prefix}.events"}
+    return make_config(names, events=events, **sections)
+
+
+def status(code: int):  # type: ignore[no-untyped-def]
+    async def answer(_request: web.Request, _n: int) -> web.StreamResponse:
+        return web.Response(status=code, text=f"answer {code}")
+
+    return answer
+
+
+async def test_each_webhook_attempt_publishes_exactly_one_event(
+    names: Names,
+    amqp: Broker,
+    tap: EventTap,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """Succeeded, retrying then dead_lettered, and validation: one event per attempt."""
+    ok = await receiver_factory(status(200))
+    failing = await receiver_factory(status(500))
+    cfg = events_config(names, retry={"attempts": 2})
+    await start_daemon(cfg)
+    queue = cfg.workers.webhook.queue
+    ok_id = await amqp.publish(queue, webhook_job(ok.url, secret=SECRET, form_id="form-ok"))
+    bad_id = await amqp.publish(queue, webhook_job(failing.url, secret=SECRET, form_id="form-bad"))
+    junk_id = await amqp.publish(queue, b"not json")
+    await tap.wait(4)
+    await tap.quiet()
+    by_job: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for key, event in tap.events:
+        by_job.setdefault(event["job_id"], []).append((key, event))
+    [(key, event)] = by_job[ok_id]
+    assert key == "webhook.succeeded"
+    assert event["event"] == "delivery"
+    assert (event["form_id"], event["submission_id"], event["attempt"]) == ("form-ok", "sub-1", 1)
+    assert event["status_code"] == 200
+    assert event["response_snippet"] == "answer 200"
+    assert event["duration_ms"] >= 0
+    assert [k for k, _ in by_job[bad_id]] == ["webhook.retrying", "webhook.dead_lettered"]
+    retrying, dead = (e for _, e in by_job[bad_id])
+    assert (retrying["attempt"], retrying["status_code"]) == (1, 500)
+    assert (dead["attempt"], dead["error_code"]) == (2, "RETRIES_EXHAUSTED")
+    assert "answer 500" in dead["response_snippet"]
+    [(key, event)] = by_job[junk_id]
+    assert (key, event["error_code"], event["form_id"]) == (
+        "webhook.dead_lettered",
+        "VALIDATION_ERROR",
+        None,
+    )
+    assert len(tap.events) == 4
+    assert all(SECRET not in body.decode() for body in tap.raw)
+
+
+async def test_a_delayed_attempt_publishes_a_delayed_event(
+    names: Names,
+    amqp: Broker,
+    tap: EventTap,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """A job held back by an open breaker gives a webhook.delayed event."""
+    failing = await receiver_factory(status(503))
+    cfg = events_config(
+        names,
+        retry={"attempts": 1},
+        breaker={"failure_threshold": 1, "reset_timeout_ms": 60000},
+    )
+    await start_daemon(cfg)
+    queue = cfg.workers.webhook.queue
+    await amqp.publish(queue, webhook_job(failing.url, submission_id="a"))
+    await tap.wait(1)
+    await amqp.publish(queue, webhook_job(failing.url, submission_id="b"))
+    events = await tap.wait(2)
+    assert events[1][0] == "webhook.delayed"
+    assert events[1][1]["attempt"] == 1
+
+
+async def test_email_events_and_no_smtp_password(
+    names: Names, amqp: Broker, tap: EventTap, tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """A sent mail is email.succeeded; a refused recipient is email.dead_lettered."""
+    async with running_servers() as start_smtp:
+        server: SmtpServer = await start_smtp()
+        server.script.rcpt["gone@example.com"] = ["550 5.1.1 no such user"]
+        cfg = events_config(
+            names,
+            webhook={"enabled": False},
+            email={
+                "enabled": True,
+                "smtp_host": "127.0.0.1",
+                "smtp_port": server.port,
+                "smtp_password": SMTP_PASSWORD,
+                "state_dir": str(tmp_path),
+            },
+        )
+        await start_daemon(cfg)
+        queue = cfg.workers.email.queue
+        await amqp.publish(queue, orjson.dumps(email_payload(["gone@example.com"])))
+        await tap.wait(1)
+        await amqp.publish(queue, orjson.dumps(email_payload(["owner@example.com"])))
+        events = await tap.wait(2)
+    assert [key for key, _ in events] == ["email.dead_lettered", "email.succeeded"]
+    assert events[0][1]["error_code"] == "RECIPIENT_REJECTED"
+    assert all(SMTP_PASSWORD not in body.decode() for body in tap.raw)
+
+
+async def test_sheets_events_and_token_refreshed(
+    names: Names, amqp: Broker, tap: EventTap, start_daemon: DaemonFactory
+) -> None:
+    """An expired token is refreshed: sheets.token_refreshed with the new token, then succeeded."""
+    google = await FakeGoogle().start()
+    try:
+        google.add_spreadsheet("sheet-1")
+        refresh, _, _ = google.add_user()
+        cfg = events_config(
+            names, webhook={"enabled": False}, sheets=google.sheets_config(batch_window_ms=0)
+        )
+        await start_daemon(cfg)
+        body = sheets_job_body(
+            refresh_token=refresh, access_token="stale", expiry_ms=1, form_id="form-s"
+        )
+        await amqp.publish(cfg.workers.sheets.queue, body)
+        events = await tap.wait(2)
+    finally:
+        await google.stop()
+    keys = {key: event for key, event in events}
+    refreshed = keys["sheets.token_refreshed"]
+    assert refreshed["event"] == "token_refreshed"
+    assert refreshed["form_id"] == "form-s"
+    assert refreshed["access_token"] and refreshed["access_token"] != "stale"
+    assert refreshed["expiry_date"] > time.time() * 1000
+    assert keys["sheets.succeeded"]["form_id"] == "form-s"
+    for raw in tap.raw:
+        assert refresh not in raw.decode()
+        assert CLIENT_SECRET not in raw.decode()
+
+
+async def test_jobs_succeed_when_the_events_exchange_cannot_be_used(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """An events exchange of the wrong type: events are dropped and counted, jobs go on."""
+    channel = await amqp.connection.channel()
+    await channel.declare_exchange(f"{names.prefix}.events", aio_pika.ExchangeType.FANOUT)
+    await channel.close()
+    try:
+        receiver = await receiver_factory(status(200))
+        daemon = await start_daemon(events_config(names))
+        for i in range(5):
+            await amqp.publish(
+                daemon.config.workers.webhook.queue, webhook_job(receiver.url, submission_id=str(i))
+            )
+        await receiver.wait_for(5)
+        deadline = time.monotonic() + 10
+        while daemon.metrics.events_dropped._value.get() < 5:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        channel = await amqp.connection.channel()
+        await channel.exchange_delete(f"{names.prefix}.events")
+        await channel.close()
+
+
+async def test_jobs_succeed_while_the_broker_blocks_publishers(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """With RabbitMQ's memory alarm on (publishers blocked), jobs are still delivered."""
+    receiver = await receiver_factory(status(200))
+    daemon = await start_daemon(events_config(names))
+    queue = daemon.config.workers.webhook.queue
+    for i in range(5):
+        await amqp.publish(queue, webhook_job(receiver.url, submission_id=str(i)))
+    try:
+        await _rabbitmqctl("set_vm_memory_high_watermark", "0.000001")
+        await receiver.wait_for(5, timeout=20)
+    finally:
+        await _rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+    assert await amqp.depth(queue) == 0
+
+
+async def _rabbitmqctl(*args: str) -> None:
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60
+    )
+
+
+async def test_events_tail_prints_events_as_they_arrive(
+    tmp_path: Path,
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """`formcraftd events tail --filter 'webhook.*'` prints each event as one JSON line."""
+    receiver = await receiver_factory(status(200))
+    cfg = events_config(names)
+    await start_daemon(cfg)
+    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
+    with config_file.open("a") as file:
+        file.write(f'[events]\nenabled = true\nexchange = "{names.prefix}.events"\n')
+    tail = asyncio.create_task(
+        asyncio.to_thread(
+            run_cli,
+            "events",
+            "tail",
+            "--filter",
+            "webhook.*",
+            "--count",
+            "1",
+            "--config",
+            str(config_file),
+        )
+    )
+    await asyncio.sleep(2)  # the temporary queue is bound by now
+    await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url, form_id="tail"))
+    result = await asyncio.wait_for(tail, 60)
+    assert result.returncode == 0, result.stderr
+    event = orjson.loads(result.stdout.splitlines()[0])
+    assert (event["kind"], event["outcome"], event["form_id"]) == ("webhook", "succeeded", "tail")
