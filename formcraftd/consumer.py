@@ -18,12 +18,13 @@ from typing import Any, Literal
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 
-from formcraftd import events, jobs, tracking
+from formcraftd import jobs, tracking
+from formcraftd.attempts import Attempt, Outcome, delivery_event, log_attempt, report_dead_letter
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import WorkerTopology, declare_consumer_queue
 from formcraftd.config import AnyWorkerConfig, BreakerConfig, DaemonConfig, WorkerKind
 from formcraftd.errors import BreakerOpen, PermanentFailure, RetryLater
-from formcraftd.events import DeliveryEvent, Event
+from formcraftd.events import Event
 from formcraftd.jobs import Delivered, Handler, Job, JobContext, JobInvalid
 from formcraftd.limits import ResizableLimiter
 from formcraftd.metrics import QueueMetrics
@@ -44,13 +45,6 @@ from formcraftd.settled import SettledDeliveries
 log = logging.getLogger("formcraftd.consumer")
 
 _JOB_CLASSES = (jobs.WebhookJob, jobs.EmailJob, jobs.SheetsJob)
-
-EVENT_OUTCOMES: dict[str, events.Outcome] = {
-    "success": "succeeded",
-    "retry": "retrying",
-    "dead_letter": "dead_lettered",
-    "delayed": "delayed",
-}
 
 ConsumerState = Literal["starting", "consuming", "paused", "stopping", "stopped"]
 
@@ -301,19 +295,9 @@ class Consumer:
                 )
                 await self._outcomes.dead_letter(message, ctx.job_id, failure, ctx.attempt - 1)
                 self._metrics.dead_letter.inc()
-                self._report_dead_letter(None, ctx, failure, ctx.attempt - 1)
-                self._log_job(None, ctx, "dead_letter", failure, 0.0)
-                if self._emit is not None:
-                    self._emit(
-                        self._event(
-                            job=None,
-                            ctx=ctx,
-                            outcome="dead_letter",
-                            failure=failure,
-                            delivered=None,
-                            duration=0.0,
-                        )
-                    )
+                attempt = Attempt(self.kind, self.queue_name, ctx, None, "dead_letter", failure)
+                report_dead_letter(attempt, failure, ctx.attempt - 1)
+                self._report(attempt)
             else:
                 headers = carried_headers(message.headers)
                 headers[REDELIVERIES_HEADER] = redeliveries
@@ -429,19 +413,10 @@ class Consumer:
                 self.failed += 1
         if job is not None and not isinstance(failure, BreakerOpen):
             self._metrics.duration.observe(duration)
-        self._log_job(job, ctx, outcome, final, duration)
-        if self._emit is not None:
-            delivered = result if isinstance(result, Delivered) else None
-            self._emit(
-                self._event(
-                    job=job,
-                    ctx=ctx,
-                    outcome=outcome,
-                    failure=final,
-                    delivered=delivered,
-                    duration=duration,
-                )
-            )
+        delivered = result if isinstance(result, Delivered) else None
+        self._report(
+            Attempt(self.kind, self.queue_name, ctx, job, outcome, final, delivered, duration)
+        )
 
     async def _publish_outcome(
         self,
@@ -449,7 +424,7 @@ class Consumer:
         job: Job | None,
         ctx: JobContext,
         failure: Exception | None,
-    ) -> tuple[str, Exception | None]:
+    ) -> tuple[Outcome, Exception | None]:
         """Publish where the job goes next; the outcome and the failure that decided it."""
         if failure is None:
             self._metrics.success.inc()
@@ -470,7 +445,9 @@ class Consumer:
         assert isinstance(failure, PermanentFailure)
         await self._outcomes.dead_letter(message, ctx.job_id, failure, ctx.attempt)
         self._metrics.dead_letter.inc()
-        self._report_dead_letter(job, ctx, failure, ctx.attempt)
+        report_dead_letter(
+            Attempt(self.kind, self.queue_name, ctx, job, "dead_letter"), failure, ctx.attempt
+        )
         return "dead_letter", failure
 
     async def _retry(
@@ -495,7 +472,7 @@ class Consumer:
 
     async def _delay_for_breaker(
         self, message: AbstractIncomingMessage, ctx: JobContext, failure: BreakerOpen
-    ) -> tuple[str, Exception]:
+    ) -> tuple[Outcome, Exception]:
         now_ms = time.time() * 1000
         first_seen = first_seen_ms(message, now_ms)
         if now_ms - first_seen > self._breaker_config.max_job_age_ms:
@@ -504,7 +481,11 @@ class Consumer:
             )
             await self._outcomes.dead_letter(message, ctx.job_id, expired, ctx.attempt - 1)
             self._metrics.dead_letter.inc()
-            self._report_dead_letter(None, ctx, expired, ctx.attempt - 1)
+            report_dead_letter(
+                Attempt(self.kind, self.queue_name, ctx, None, "dead_letter"),
+                expired,
+                ctx.attempt - 1,
+            )
             return "dead_letter", expired
         headers = carried_headers(message.headers)
         headers[ATTEMPT_HEADER] = ctx.attempt - 1
@@ -514,83 +495,7 @@ class Consumer:
         self._metrics.delayed.inc()
         return "delayed", failure
 
-    def _report_dead_letter(
-        self, job: Job | None, ctx: JobContext, failure: PermanentFailure, attempts: int
-    ) -> None:
-        tracking.dead_lettered(
-            queue=self.queue_name,
-            job_id=ctx.job_id,
-            form_id=job.metadata.form_id if job is not None else None,
-            submission_id=job.metadata.submission_id if job is not None else None,
-            code=failure.code,
-            reason=failure.reason,
-            attempts=attempts,
-        )
-
-    def _event(
-        self,
-        *,
-        job: Job | None,
-        ctx: JobContext,
-        outcome: str,
-        failure: Exception | None,
-        delivered: Delivered | None,
-        duration: float,
-    ) -> DeliveryEvent:
-        """The delivery event of one attempt (never a secret: reasons are redacted)."""
-        status = getattr(failure, "status", None) if failure else None
-        snippet = getattr(failure, "snippet", None) if failure else None
-        if delivered is not None:
-            status, snippet = delivered.status, delivered.snippet
-        return DeliveryEvent(
-            kind=self.kind,
-            outcome=EVENT_OUTCOMES[outcome],
-            job_id=ctx.job_id,
-            queue=self.queue_name,
-            form_id=job.metadata.form_id if job is not None else None,
-            submission_id=job.metadata.submission_id if job is not None else None,
-            attempt=ctx.attempt,
-            status_code=status,
-            duration_ms=round(duration * 1000, 1),
-            error_code=failure.code if isinstance(failure, PermanentFailure) else None,
-            error=events.snippet(str(failure)) if failure is not None else None,
-            response_snippet=events.snippet(snippet),
-            at=events.now(),
-        )
-
-    def _log_job(
-        self,
-        job: Job | None,
-        ctx: JobContext,
-        outcome: str,
-        failure: Exception | None,
-        duration: float,
-    ) -> None:
-        fields: dict[str, Any] = {
-            "queue": self.queue_name,
-            "job_id": ctx.job_id,
-            "attempt": ctx.attempt,
-            "outcome": outcome,
-            "duration_ms": round(duration * 1000, 1),
-        }
-        if job is not None:
-            fields["form_id"] = job.metadata.form_id
-            fields["submission_id"] = job.metadata.submission_id
-        reason = ""
-        if isinstance(failure, PermanentFailure):
-            fields["error_code"] = failure.code
-            reason = failure.reason
-        elif isinstance(failure, RetryLater | BreakerOpen):
-            reason = str(failure)
-        status = getattr(failure, "status", None)
-        if status is not None:
-            fields["status"] = status
-        level = logging.INFO if outcome in ("success", "retry", "delayed") else logging.WARNING
-        log.log(
-            level,
-            "job %s %s%s",
-            ctx.job_id,
-            outcome,
-            f": {one_line(reason)}" if reason else "",
-            extra=fields,
-        )
+    def _report(self, attempt: Attempt) -> None:
+        log_attempt(attempt)
+        if self._emit is not None:
+            self._emit(delivery_event(attempt))
