@@ -129,6 +129,7 @@ class Consumer:
             await self._unsubscribe()
             self._requeue_waiting()
             await self._drain()
+        self._tg = None
         self.state = "stopped"
         if not self._channel.is_closed:
             await self._channel.close()
@@ -218,9 +219,13 @@ class Consumer:
             for task in self._tasks:
                 task.cancel()
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        if self._tg is None or self._stop.is_set():
-            await settle(message.nack(requeue=True))
+    def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # A plain function, not a coroutine: aio-pika then calls it without
+        # creating a task of its own, and the one task per message is ours.
+        if self._tg is None:
+            return  # the consumer has finished: closing its channel returns the message
+        if self._stop.is_set():
+            self._tg.create_task(settle(message.nack(requeue=True)))
             return
         task = self._tg.create_task(self._process(message))
         self._tasks.add(task)

@@ -190,14 +190,19 @@ class _Settings:
     max_response_bytes: int
     policy: NetworkPolicy
     concurrency: int
+    # sock_read bounds each read and total bounds the whole exchange, body
+    # included, so a receiver dribbling bytes cannot stretch it past timeout_ms.
+    client_timeout: aiohttp.ClientTimeout
 
     @classmethod
     def from_config(cls, config: WebhookWorkerConfig) -> _Settings:
+        t = config.timeout_ms / 1000
         return cls(
-            config.timeout_ms / 1000,
+            t,
             config.max_response_bytes,
             NetworkPolicy.from_config(config),
             config.concurrency,
+            aiohttp.ClientTimeout(total=t, sock_connect=t, sock_read=t),
         )
 
 
@@ -395,9 +400,7 @@ async def _send(
 ) -> _Response:
     """Send the request and read the head of the response; translate transport errors."""
     t = settings.timeout_s
-    # sock_read bounds each read and total bounds the whole exchange, body
-    # included, so a receiver dribbling bytes cannot stretch it past timeout_ms.
-    timeout = aiohttp.ClientTimeout(total=t, sock_connect=t, sock_read=t)
+    timeout = settings.client_timeout
     try:
         async with asyncio.timeout(t + _BACKSTOP_S):
             async with session.request(
