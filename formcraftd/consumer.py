@@ -351,6 +351,7 @@ class Consumer:
     async def _attempt(self, job: Job, ctx: JobContext) -> Exception | Delivered | None:
         """Run the handler under the job's breaker; the failure, or what it delivered."""
         breaker = self._breakers.get(self.handler.breaker_key(job))
+        probing = breaker.state == "half_open"
         try:
             breaker.acquire()
         except BreakerOpen as exc:
@@ -364,10 +365,14 @@ class Consumer:
                 breaker.release()
             return exc
         except RetryLater as exc:
-            if exc.counts_for_breaker:
-                breaker.record_failure()
-            else:
+            if not exc.counts_for_breaker:
                 breaker.release()
+                return exc
+            breaker.record_failure()
+            if probing:
+                # The service is still down: like the jobs that waited, the probe
+                # waits out the breaker again instead of spending one of its tries.
+                return BreakerOpen(breaker.key, breaker.reset_timeout_s)
             return exc
         except asyncio.CancelledError:
             breaker.release()
