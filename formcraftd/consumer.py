@@ -219,13 +219,13 @@ class Consumer:
             for task in self._tasks:
                 task.cancel()
 
-    def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # A plain function, not a coroutine: aio-pika then calls it without
-        # creating a task of its own, and the one task per message is ours.
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # aio-pika runs this in a task of its own, which a closing channel may
+        # cancel; the work goes to a task owned by this consumer's task group.
         if self._tg is None:
             return  # the consumer has finished: closing its channel returns the message
         if self._stop.is_set():
-            self._tg.create_task(settle(message.nack(requeue=True)))
+            await settle(message.nack(requeue=True))
             return
         task = self._tg.create_task(self._process(message))
         self._tasks.add(task)
