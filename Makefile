@@ -22,7 +22,7 @@ RABBITMQ_WAIT_S ?= 60
 AMQP_UP = $(PYTHON) -c 'import socket, sys; s = socket.socket(); s.settimeout(1); \
 	sys.exit(s.connect_ex(("$(AMQP_HOST)", $(AMQP_PORT))) != 0)'
 
-.PHONY: venv rabbitmq run test test-worker bench lint clean distclean
+.PHONY: venv rabbitmq run test test-worker test-cluster bench lint clean distclean
 .DEFAULT_GOAL := test
 
 venv: $(STAMP)
@@ -63,8 +63,15 @@ test-worker: venv rabbitmq
 	  *) echo "usage: make test-worker WORKER=webhook|email|sheets" >&2; exit 2;; esac
 	$(BIN)/pytest -m $(WORKER) $(PYTEST_ARGS)
 
+# Starts its own 3-node RabbitMQ cluster (fcc1-3@localhost, 127.0.0.1:5701-5703) and
+# two daemons; a few minutes. `make test` skips it.
+test-cluster: venv
+	FORMCRAFTD_CLUSTER_TESTS=1 $(BIN)/pytest -m cluster tests/cluster -s $(PYTEST_ARGS)
+
+# Installs the bench extra first (Celery, requests, py-spy: benchmarks only, never a
+# runtime dependency), then runs every benchmark and prints one table; a few minutes.
 bench: venv rabbitmq
-	@test -f bench/run.py || { echo "bench: bench/run.py is not there yet" >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: venv
