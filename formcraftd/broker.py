@@ -35,6 +35,12 @@ from formcraftd.retry import RetrySchedule, retry_queue_name
 log = logging.getLogger("formcraftd.broker")
 
 Arguments = dict[str, Any]
+_QUORUM_ONLY_ARGUMENTS = (
+    "x-queue-type",
+    "x-dead-letter-strategy",
+    "x-overflow",
+    "x-delivery-limit",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +135,10 @@ class FailoverConnection(RobustConnection):
 
     @transport.setter
     def transport(self, value: Any) -> None:
-        if value is None and self._failover and len(self._nodes) > 1:
+        closing = getattr(self, "_close_in_progress", False) or getattr(
+            self, "_close_called", False
+        )
+        if value is None and self._failover and len(self._nodes) > 1 and not closing:
             self.url = self._nodes[self._next_node % len(self._nodes)]
             self._next_node += 1
             log.info("trying broker node %s", mask_url(str(self.url)))
@@ -261,9 +270,15 @@ async def _declare_on(channel: AbstractChannel, topology: WorkerTopology) -> Non
             if spec is topology.dead_letter_queue:
                 await queue.bind(dlx, routing_key="")
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        detail = _describe(exc)
+        hint = "delete it or change the config to match"
+        if any(arg in detail for arg in _QUORUM_ONLY_ARGUMENTS):
+            hint = (
+                "a queue's type cannot change in place (classic vs quorum): migrate it as "
+                "docs/scaling.md describes"
+            )
         raise TopologyError(
-            f"{entity} already exists with other arguments: {_describe(exc)}; "
-            "delete it or change the config to match"
+            f"{entity} already exists with other arguments: {detail}; {hint}"
         ) from None
     except aiormq.exceptions.ChannelAccessRefused as exc:
         raise TopologyError(f"{entity}: access refused: {_describe(exc)}") from None

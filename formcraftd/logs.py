@@ -237,6 +237,25 @@ def _debug_logger_names(kinds: Iterable[str]) -> set[str]:
     return names
 
 
+class _ExpectedBrokerNoise(logging.Filter):
+    """Lower to WARNING the ERROR lines aio-pika/aiormq write for a lost connection.
+
+    A broker restart or a node failover is expected and already reported by
+    formcraftd's own WARNING ("broker connection lost") and the alert; at ERROR
+    these lines would also become error-tracking events.
+    """
+
+    _PREFIXES = ("Unexpected connection close", "Callback <OneShotCallback")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self._PREFIXES):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_BROKER_NOISE = _ExpectedBrokerNoise()
+
+
 def configure(config: LoggingConfig, *, stream: TextIO | None = None) -> None:
     """Install (or re-install) the one log handler and apply `config`'s levels.
 
@@ -263,6 +282,11 @@ def configure(config: LoggingConfig, *, stream: TextIO | None = None) -> None:
         library = logging.getLogger(name)
         _install(library, handler)
         library.setLevel(debug_level if everything else logging.WARNING)
+
+    for name in ("aiormq.connection", "aio_pika.tools"):
+        noisy = logging.getLogger(name)
+        if _BROKER_NOISE not in noisy.filters:
+            noisy.addFilter(_BROKER_NOISE)
 
     if config.sentry_dsn:
         _init_sentry(config.sentry_dsn)

@@ -306,3 +306,13 @@ def test_missing_sentry_extra_is_one_warning(
     [line] = lines(stream)
     assert line["level"] == "warning"
     assert "formcraftd[sentry]" in line["msg"]
+
+
+def test_expected_broker_connection_noise_is_a_warning(stream: io.StringIO) -> None:
+    """aiormq's ERROR line for a connection the broker closed is logged as a WARNING."""
+    logs.configure(LoggingConfig(), stream=stream)
+    logging.getLogger("aiormq.connection").error(
+        "Unexpected connection close from remote %s", "amqp://guest:******@127.0.0.1:5672/"
+    )
+    [line] = lines(stream)
+    assert line["level"] == "warning"
