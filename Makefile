@@ -75,7 +75,7 @@ bench: venv rabbitmq
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: venv
-	$(BIN)/ruff check formcraftd tests
+	$(BIN)/ruff check formcraftd tests bench
 	$(BIN)/mypy formcraftd
 
 # Build and cache litter; the virtualenv stays (distclean removes it too).

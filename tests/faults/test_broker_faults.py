@@ -48,8 +48,11 @@ async def assert_all_delivered(receiver_requests: list, ids: list[str], url: str
     """Every job arrived at least once; the number of duplicates."""
     got = [request.headers["webhook-id"] for request in receiver_requests]
     wanted = {webhook_id(job_id, url) for job_id in ids}
-    assert wanted <= set(got), f"{len(wanted - set(got))} jobs lost"
-    return len(got) - len(set(got))
+    lost = len(wanted - set(got))
+    duplicates = len(got) - len(set(got))
+    print(f"\n{len(ids)} sent, {len(set(got))} delivered, {duplicates} duplicates, {lost} lost")
+    assert not lost, f"{lost} jobs lost"
+    return duplicates
 
 
 async def test_connections_closed_mid_stream(
