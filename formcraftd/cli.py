@@ -18,7 +18,7 @@ import aio_pika
 import aiormq
 import orjson
 
-from formcraftd import __version__, config, jobs, logs
+from formcraftd import __version__, config, jobs, logs, suppression
 from formcraftd.errors import BrokerUnreachable, ConfigError, FormcraftError, TopologyError
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     events_cmd.add_argument(
         "--count", type=int, default=None, metavar="N", help="stop after N events"
     )
+    suppression.add_cli(commands)
     return parser
 
 
@@ -211,6 +212,10 @@ async def _tail_events(cfg: config.Config, pattern: str, count: int | None) -> N
         await broker.aclose()
 
 
+def cmd_suppression(args: argparse.Namespace) -> int:
+    return suppression.run_cli(args, _load(args.config))
+
+
 COMMANDS = {
     "run": cmd_run,
     "check-config": cmd_check_config,
@@ -218,6 +223,7 @@ COMMANDS = {
     "enqueue": cmd_enqueue,
     "dlq": cmd_dlq,
     "events": cmd_events,
+    "suppression": cmd_suppression,
 }
 
 

@@ -116,12 +116,15 @@ class Reloader:
             if retry != running.retry:  # new wait queues must exist before a retry uses them
                 updated = msgspec.structs.replace(running, retry=retry)
                 await daemon.broker.declare(WorkerTopology.build(updated, daemon.config.broker))
+        # Handlers first: they may still refuse a setting (ConfigError) before
+        # anything else has changed.
+        for queue, consumer in daemon.consumers.items():
+            consumer.handler.reconfigure(new.worker(daemon.kinds[queue]))
         logs.configure(new.logging)
         daemon.breakers.reconfigure(new.breaker)
         daemon.monitor.reconfigure(new.monitoring)
         for queue, consumer in daemon.consumers.items():
             worker = new.worker(daemon.kinds[queue])
-            consumer.handler.reconfigure(worker)
             consumer.reconfigure(worker, new.breaker, new.daemon)
             await consumer.set_prefetch(consumer.handler.prefetch(worker.concurrency))
         daemon.config = new

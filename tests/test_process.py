@@ -271,3 +271,19 @@ async def test_enqueue_publishes_a_validated_job(
     bad = await asyncio.to_thread(run_cli, "enqueue", str(job), "--config", str(config_file))
     assert bad.returncode == 1
     assert "invalid job" in bad.stderr
+
+
+def test_suppression_command_adds_lists_and_removes(tmp_path: Path) -> None:
+    """`formcraftd suppression add|list|remove` manage the list in state_dir."""
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'[workers.email]\nstate_dir = "{tmp_path / "state"}"\n')
+    added = run_cli("suppression", "add", "Someone@Example.com", "--config", str(config_file))
+    assert added.returncode == 0, added.stderr
+    listed = run_cli("suppression", "list", "--config", str(config_file))
+    assert "someone@example.com" in listed.stdout.lower()
+    removed = run_cli("suppression", "remove", "someone@example.com", "--config", str(config_file))
+    assert removed.returncode == 0, removed.stderr
+    listed = run_cli("suppression", "list", "--config", str(config_file))
+    assert "someone@example.com" not in listed.stdout.lower()
+    bad = run_cli("suppression", "add", "not an address", "--config", str(config_file))
+    assert bad.returncode == 1
