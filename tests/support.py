@@ -286,3 +286,38 @@ class TcpProxy:
         self._server = None
         self._writers.clear()
         self._tasks.clear()
+
+
+class HealthWatch:
+    """Samples a daemon's health every few ms in the background, so a short outage is seen."""
+
+    def __init__(self, daemon: Any) -> None:
+        self._daemon = daemon
+        self.samples: list[bool] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> HealthWatch:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _sample(self) -> None:
+        while True:
+            self.samples.append(bool(self._daemon.health()[0]))
+            await asyncio.sleep(0.005)
+
+    async def went_down_and_up(self, timeout: float = 30.0) -> None:
+        """Wait until health was seen failing, then healthy again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if False in self.samples:
+                down = self.samples.index(False)
+                if any(self.samples[down:]):
+                    return
+            assert time.monotonic() < deadline, "health never went down and back up"
+            await asyncio.sleep(0.02)

@@ -12,7 +12,7 @@ from aiohttp import web
 from formcraftd.daemon import Daemon
 from formcraftd.workers.webhook import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, webhook_job
+from tests.support import Broker, HealthWatch, Names, make_config, webhook_job
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -65,9 +65,9 @@ async def test_connections_closed_mid_stream(
     ids = await publish_all(amqp, cfg.workers.webhook.queue, receiver.url)
     await receiver.wait_for(JOBS // 4)
     try:
-        await rabbitmqctl("close_all_connections", "fault test")
-        await wait_health(daemon, False, 10)
-        await wait_health(daemon, True, 30)
+        async with HealthWatch(daemon) as health:
+            await rabbitmqctl("close_all_connections", "fault test")
+            await health.went_down_and_up()
     finally:
         await amqp.connection.connected.wait()
     await receiver.wait_for(JOBS, timeout=60)
