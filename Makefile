@@ -1,4 +1,4 @@
-# formcraftd — set up, run and test (SPEC §1). The machine needs python3 and
+# formcraftd — set up, run and test. The machine needs python3 and
 # rabbitmq-server; everything else is installed into .venv by `make venv`.
 #
 #   make run                     set up, start RabbitMQ if needed, run the daemon

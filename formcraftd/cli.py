@@ -1,4 +1,4 @@
-"""The `formcraftd` command line (SPEC §2).
+"""The `formcraftd` command line.
 
 Exit codes: 0 ok, 1 bad config or input (one line on stderr), 2 usage error,
 3 broker unreachable at start.

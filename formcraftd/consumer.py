@@ -1,7 +1,7 @@
 """The one generic consumer: decode -> limit -> breaker -> handler -> outcome.
 
 It owns acks, retries, dead letters and job metrics once, for every worker. A
-handler only returns or raises a job-fate exception . Nothing is acked
+handler only returns or raises a job-fate exception. Nothing is acked
 before its outcome (the retry or the dead letter) has been confirmed by the
 broker; if that publish fails, the message is returned to the queue instead.
 """
@@ -72,7 +72,6 @@ class Consumer:
         self.prefetch = prefetch  # what the channel's QoS is set to
         self._emit = emit  # delivery events, when enabled
         self.handler = handler
-        self._worker = worker
         self._topology = topology
         self._schedule = RetrySchedule.from_config(worker.retry)
         self._channel = channel
@@ -168,7 +167,6 @@ class Consumer:
         self, worker: AnyWorkerConfig, breaker_config: BreakerConfig, daemon_config: DaemonConfig
     ) -> None:
         """Apply live settings: concurrency, retry schedule, breaker and size limits."""
-        self._worker = worker
         self._schedule = RetrySchedule.from_config(worker.retry)
         self._breaker_config = breaker_config
         self._daemon_config = daemon_config

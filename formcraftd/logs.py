@@ -1,4 +1,4 @@
-"""Log lines on stdout: one JSON object per line (SPEC §11), or a console line.
+"""Log lines on stdout: one JSON object per line, or a console line.
 
 :func:`configure` installs one handler on the ``formcraftd`` logger (and on the
 few library loggers whose warnings matter) and is safe to call again on every

@@ -1,6 +1,6 @@
 """The email worker: `email.send` jobs rendered, built and sent over pooled SMTP.
 
-One job is one message to its recipients (SPEC §7):
+One job is one message to its recipients:
 
 1. recipients are parsed and de-duplicated; one on the suppression list is
    skipped, and a job with nobody left is ``SUPPRESSED``;
