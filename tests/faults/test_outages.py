@@ -34,9 +34,17 @@ async def test_smtp_outage_delays_mail_and_loses_none(
         proxy = await TcpProxy(target_port=server.port).start()
         try:
             cfg = make_config(
-                names, webhook={"enabled": False}, retry=RETRY, breaker=BREAKER,
-                email={"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": proxy.port,
-                       "smtp_timeout_s": 2, "state_dir": str(tmp_path)},
+                names,
+                webhook={"enabled": False},
+                retry=RETRY,
+                breaker=BREAKER,
+                email={
+                    "enabled": True,
+                    "smtp_host": "127.0.0.1",
+                    "smtp_port": proxy.port,
+                    "smtp_timeout_s": 2,
+                    "state_dir": str(tmp_path),
+                },
             )
             await start_daemon(cfg)
             queue = cfg.workers.email.queue
@@ -70,14 +78,20 @@ async def test_google_outage_delays_rows_and_loses_none(
             token_url=f"http://127.0.0.1:{proxy.port}/token",
             batch_window_ms=50,
         )
-        cfg = make_config(names, webhook={"enabled": False}, retry=RETRY, breaker=BREAKER,
-                          sheets=sheets)
+        cfg = make_config(
+            names, webhook={"enabled": False}, retry=RETRY, breaker=BREAKER, sheets=sheets
+        )
         await start_daemon(cfg)
         queue = cfg.workers.sheets.queue
         await proxy.kill()
         for i in range(JOBS):
-            body = sheets_job_body(refresh_token=refresh, access_token=access, expiry_ms=expiry,
-                                   values=[[i]], submission_id=f"s{i}")
+            body = sheets_job_body(
+                refresh_token=refresh,
+                access_token=access,
+                expiry_ms=expiry,
+                values=[[i]],
+                submission_id=f"s{i}",
+            )
             await amqp.publish(queue, body)
         await asyncio.sleep(OUTAGE_S)
         assert google.rows("sheet-1", "Sheet1!A:C") == []
