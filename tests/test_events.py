@@ -17,7 +17,7 @@ from aiohttp import web
 
 from formcraftd.config import Config
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.fake_google import CLIENT_SECRET, FakeGoogle, sheets_job_body
+from tests.fake_google import CLIENT_SECRET, Failure, FakeGoogle, sheets_job_body
 from tests.smtp_support import SmtpServer, email_payload, running_servers
 from tests.support import Broker, Names, make_config, webhook_job
 from tests.test_process import free_port, run_cli, write_config
@@ -166,14 +166,23 @@ async def test_email_events_and_no_smtp_password(
                 "state_dir": str(tmp_path),
             },
         )
+        server.script.rcpt["busy@example.com"] = ["452 4.2.2 mailbox full", "250 ok"]
         await start_daemon(cfg)
         queue = cfg.workers.email.queue
         await amqp.publish(queue, orjson.dumps(email_payload(["gone@example.com"])))
         await tap.wait(1)
         await amqp.publish(queue, orjson.dumps(email_payload(["owner@example.com"])))
-        events = await tap.wait(2)
-    assert [key for key, _ in events] == ["email.dead_lettered", "email.succeeded"]
+        await tap.wait(2)
+        await amqp.publish(queue, orjson.dumps(email_payload(["busy@example.com"])))
+        events = await tap.wait(4)
+    assert [key for key, _ in events] == [
+        "email.dead_lettered",
+        "email.succeeded",
+        "email.retrying",
+        "email.succeeded",
+    ]
     assert events[0][1]["error_code"] == "RECIPIENT_REJECTED"
+    assert (events[2][1]["status_code"], events[3][1]["attempt"]) == (452, 2)
     assert all(SMTP_PASSWORD not in body.decode() for body in tap.raw)
 
 
@@ -189,14 +198,17 @@ async def test_sheets_events_and_token_refreshed(
             names, webhook={"enabled": False}, sheets=google.sheets_config(batch_window_ms=0)
         )
         await start_daemon(cfg)
+        google.script.append(Failure(503))
         body = sheets_job_body(
             refresh_token=refresh, access_token="stale", expiry_ms=1, form_id="form-s"
         )
         await amqp.publish(cfg.workers.sheets.queue, body)
-        events = await tap.wait(2)
+        events = await tap.wait(3)
     finally:
         await google.stop()
     keys = {key: event for key, event in events}
+    assert sorted(keys) == ["sheets.retrying", "sheets.succeeded", "sheets.token_refreshed"]
+    assert keys["sheets.retrying"]["status_code"] == 503
     refreshed = keys["sheets.token_refreshed"]
     assert refreshed["event"] == "token_refreshed"
     assert refreshed["form_id"] == "form-s"
