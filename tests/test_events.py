@@ -301,3 +301,31 @@ async def test_events_tail_prints_events_as_they_arrive(
     assert result.returncode == 0, result.stderr
     event = orjson.loads(result.stdout.splitlines()[0])
     assert (event["kind"], event["outcome"], event["form_id"]) == ("webhook", "succeeded", "tail")
+
+
+async def test_a_burst_of_jobs_loses_no_event(
+    names: Names,
+    amqp: Broker,
+    tap: EventTap,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """300 jobs at once: 300 events arrive and none is dropped (they go out in batches)."""
+    receiver = await receiver_factory(status(200))
+    daemon = await start_daemon(events_config(names, webhook={"concurrency": 32}))
+    channel = await amqp.connection.channel(publisher_confirms=True)
+    try:
+        await asyncio.gather(
+            *(
+                channel.default_exchange.publish(
+                    aio_pika.Message(webhook_job(receiver.url, submission_id=str(i))),
+                    routing_key=daemon.config.workers.webhook.queue,
+                )
+                for i in range(300)
+            )
+        )
+    finally:
+        await channel.close()
+    await tap.wait(300, timeout=30)
+    assert daemon.metrics.events_dropped._value.get() == 0
+    assert {event["submission_id"] for _, event in tap.events} == {str(i) for i in range(300)}
