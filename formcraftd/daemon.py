@@ -12,6 +12,7 @@ in reverse order of opening.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import logging
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("formcraftd.daemon")
 
 USER_AGENT = f"formcraftd/{__version__}"
+EVENTS_DRAIN_S = 3.0
 
 # Each worker's handler class, imported only when the worker is enabled.
 HANDLERS: dict[WorkerKind, tuple[str, str]] = {
@@ -125,8 +127,10 @@ class Daemon:
         try:
             await self._start()
             async with asyncio.TaskGroup() as tg:
-                for consumer in self.consumers.values():
+                consuming = [
                     tg.create_task(consumer.run(), name=f"consumer:{consumer.queue_name}")
+                    for consumer in self.consumers.values()
+                ]
                 for consumer in self.consumers.values():
                     await consumer.subscribed.wait()
                 # Modules, config and handlers live as long as the process: move them
@@ -144,8 +148,8 @@ class Daemon:
                     tg.create_task(self._watchdog(), name="watchdog"),
                     tg.create_task(self.monitor.run(), name="monitor"),
                     tg.create_task(self._reload_loop(), name="reload"),
-                    tg.create_task(self.events.run(), name="events"),
                 ]
+                events = tg.create_task(self.events.run(), name="events")
                 await self._should_exit.wait()
                 systemd.notify("STOPPING=1")
                 timeout = 0 if self._force_exit else self.config.daemon.shutdown_timeout_s
@@ -153,6 +157,13 @@ class Daemon:
                     consumer.stop(time.monotonic() + timeout)
                 for task in helpers:
                     task.cancel()
+                if consuming:
+                    await asyncio.wait(consuming)
+                # the events of the last jobs: a moment to publish them, no more
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0 if self._force_exit else EVENTS_DRAIN_S):
+                        await self.events.drained()
+                events.cancel()
         finally:
             await self._close()
         log.info("stopped")

@@ -117,6 +117,8 @@ class EventPublisher:
         self._exchange: AbstractExchange | None = None
         self._last_warning = -DROP_WARNING_INTERVAL_S
         self._dropped_since_warning = 0
+        self._idle = asyncio.Event()  # set while nothing waits to be published
+        self._idle.set()
         self.published = 0
 
     @property
@@ -131,6 +133,8 @@ class EventPublisher:
             self._buffer.put_nowait(event)
         except asyncio.QueueFull:
             self._dropped.inc()
+            return
+        self._idle.clear()
 
     async def run(self) -> None:
         """Publish until cancelled, in batches whose confirms are awaited together."""
@@ -142,11 +146,17 @@ class EventPublisher:
                 while len(batch) < BATCH_SIZE and not self._buffer.empty():
                     batch.append(self._buffer.get_nowait())
                 await self._publish(batch)
+                if self._buffer.empty():
+                    self._idle.set()
         finally:
             if self._connection is not None:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(5):
                         await self._connection.close()
+
+    async def drained(self) -> None:
+        """Return once every buffered event has been published (or dropped)."""
+        await self._idle.wait()
 
     async def _publish(self, batch: list[Event]) -> None:
         """Publish `batch`; what the broker does not confirm in time is dropped and counted."""

@@ -329,3 +329,25 @@ async def test_a_burst_of_jobs_loses_no_event(
     await tap.wait(300, timeout=30)
     assert daemon.metrics.events_dropped._value.get() == 0
     assert {event["submission_id"] for _, event in tap.events} == {str(i) for i in range(300)}
+
+
+async def test_the_events_of_jobs_finished_during_shutdown_are_published(
+    names: Names,
+    amqp: Broker,
+    tap: EventTap,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """A job that completes while the daemon drains still gets its event out."""
+
+    async def slow(_request: web.Request, _n: int) -> web.StreamResponse:
+        await asyncio.sleep(0.5)
+        return web.Response(status=200)
+
+    receiver = await receiver_factory(slow)
+    daemon = await start_daemon(events_config(names))
+    await amqp.publish(daemon.config.workers.webhook.queue, webhook_job(receiver.url))
+    await receiver.wait_for(1)
+    daemon.request_shutdown()
+    [(key, _)] = await tap.wait(1, timeout=10)
+    assert key == "webhook.succeeded"
