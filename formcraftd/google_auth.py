@@ -22,14 +22,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import msgspec
 
 from formcraftd.errors import JobFailure, PermanentFailure, RetryLater
+from formcraftd.retry import parse_retry_after
 
 __all__ = [
     "REFRESH_MARGIN_MS",
@@ -38,7 +37,6 @@ __all__ = [
     "RefreshListener",
     "TokenCache",
     "copy_failure",
-    "parse_retry_after",
     "read_body",
     "token_key",
 ]
@@ -308,19 +306,3 @@ async def read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
             break
         body += chunk
     return bytes(body)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date); None if unusable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(min(int(value), 86_400))
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())

@@ -10,8 +10,11 @@ it has always been declared.
 from __future__ import annotations
 
 import math
+import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Literal
 
 from formcraftd.config import RetryConfig
@@ -159,3 +162,28 @@ def _checked(delay_ms: float) -> float:
     if math.isnan(delay_ms):
         raise ValueError("delay_ms is NaN")
     return delay_ms
+
+
+_RETRY_AFTER_SECONDS = re.compile(r"-?\d{1,12}")
+MAX_RETRY_AFTER_S = 86_400.0  # a day: longer waits are a server's mistake, not a plan
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date).
+
+    None when missing or unusable; negative or past values count as 0, and
+    anything over a day as a day.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    if _RETRY_AFTER_SECONDS.fullmatch(value):
+        return min(float(max(0, int(value))), MAX_RETRY_AFTER_S)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)

@@ -25,7 +25,8 @@ from aiogoogle.resource import GoogleAPI
 from yarl import URL
 
 from formcraftd.errors import ConfigError, PermanentFailure, RetryLater
-from formcraftd.google_auth import AccessToken, parse_retry_after, read_body
+from formcraftd.google_auth import AccessToken, read_body
+from formcraftd.retry import parse_retry_after
 
 __all__ = ["ApiRequest", "ApiResponse", "SheetsApi", "judge", "load_discovery", "send"]
 

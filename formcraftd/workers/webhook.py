@@ -24,8 +24,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -36,6 +34,7 @@ from formcraftd.config import WebhookWorkerConfig
 from formcraftd.errors import PermanentFailure, RetryLater
 from formcraftd.jobs import Delivered, JobContext, WebhookJob
 from formcraftd.netguard import AddressRefused, GuardedResolver, NetworkPolicy
+from formcraftd.retry import parse_retry_after
 
 if TYPE_CHECKING:
     from formcraftd.jobs import Handler
@@ -77,7 +76,6 @@ _NOT_FROM_PAYLOAD = frozenset(
     }
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_RETRY_AFTER_SECONDS = re.compile(r"-?\d{1,12}")
 
 
 # --- pure functions -------------------------------------------------------------
@@ -123,22 +121,6 @@ def encode_body(body: Any) -> bytes:
         return orjson.dumps(body)
     except orjson.JSONEncodeError as exc:
         raise ValueError(f"payload.body cannot be encoded as JSON: {exc}") from None
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` (delta-seconds or HTTP date); None if unusable."""
-    if not value:
-        return None
-    value = value.strip()
-    if _RETRY_AFTER_SECONDS.fullmatch(value):
-        return float(max(0, int(value)))
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def breaker_key(url: str) -> str:
