@@ -50,6 +50,7 @@ class Control(Protocol):
 
 
 CONTROL_KEY = web.AppKey("control", Control)
+PAGE_KEY = web.AppKey("status_page", bytes)
 MAX_PEEK = 1000
 
 
@@ -110,9 +111,8 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-async def status_page(_request: web.Request) -> web.Response:
-    page = resources.files("formcraftd").joinpath("static/status.html").read_bytes()
-    return web.Response(body=page, content_type="text/html", charset="utf-8")
+async def status_page(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[PAGE_KEY], content_type="text/html", charset="utf-8")
 
 
 async def status_json(request: web.Request) -> web.Response:
@@ -153,6 +153,7 @@ async def admin_breaker_reset(request: web.Request) -> web.Response:
 def build_app(control: Control) -> web.Application:
     app = web.Application(middlewares=[admin_auth])
     app[CONTROL_KEY] = control
+    app[PAGE_KEY] = resources.files("formcraftd").joinpath("static/status.html").read_bytes()
     router = app.router
     router.add_get("/", status_page)
     router.add_get("/status.json", status_json)
