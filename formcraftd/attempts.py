@@ -54,6 +54,9 @@ class Attempt:
 
 def log_attempt(attempt: Attempt) -> None:
     """One dense log line: INFO for success/retry/delay, WARNING for a dead letter."""
+    level = logging.WARNING if attempt.outcome == "dead_letter" else logging.INFO
+    if not log.isEnabledFor(level):
+        return
     fields: dict[str, Any] = {
         "queue": attempt.queue,
         "job_id": attempt.ctx.job_id,
@@ -74,7 +77,6 @@ def log_attempt(attempt: Attempt) -> None:
     status = getattr(failure, "status", None)
     if status is not None:
         fields["status"] = status
-    level = logging.WARNING if attempt.outcome == "dead_letter" else logging.INFO
     log.log(
         level,
         "job %s %s%s",
