@@ -215,7 +215,8 @@ class Daemon:
         while self._closers:
             name, close = self._closers.pop()
             try:
-                await asyncio.wait_for(close(), timeout=10)
+                async with asyncio.timeout(10):
+                    await close()
             except Exception as exc:
                 log.warning("closing the %s failed: %s", name, exc)
 

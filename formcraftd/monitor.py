@@ -115,8 +115,12 @@ class Monitor:
                         log.warning("monitoring check failed: %s", exc)
                 self._wake.clear()
                 interval = self.config.interval_ms / 1000
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that lands as the wait completes (a reload's wake-up
+                # just before SIGTERM), and the daemon would never finish stopping.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=interval)
+                    async with asyncio.timeout(interval):
+                        await self._wake.wait()
         finally:
             if self._posts:
                 await asyncio.wait(self._posts, timeout=ALERT_TIMEOUT_S)

@@ -113,6 +113,7 @@ async def test_sighup_raises_and_lowers_concurrency_under_load_losing_nothing(
     finally:
         if process.poll() is None:
             process.kill()
+        process.wait()
     got = [request.headers["webhook-id"] for request in receiver.requests]
     assert len(got) == 240
     assert set(got) == {webhook_id(job_id, receiver.url) for job_id in ids}
@@ -146,6 +147,7 @@ async def test_invalid_config_on_sighup_keeps_the_running_config(
     finally:
         if process.poll() is None:
             process.kill()
+        process.wait()
     errors = [line for line in log_file.read_text().splitlines() if '"level":"error"' in line]
     assert len(errors) == 1
     assert "keeping the running config" in errors[0]

@@ -95,6 +95,7 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
     while process.poll() is None:
         if time.monotonic() > deadline:
             process.kill()
+            process.wait()
             raise TimeoutError("daemon did not exit in time")
         await asyncio.sleep(0.05)
     return process.returncode
@@ -133,6 +134,7 @@ async def test_sigterm_with_jobs_in_flight_loses_nothing(
     finally:
         if process.poll() is None:
             process.kill()
+        process.wait()
     delivered_before = len(receiver.requests)
     assert delivered_before < 20
     await start_daemon(cfg)
@@ -180,6 +182,7 @@ async def test_second_signal_forces_a_prompt_exit_and_requeues(
     finally:
         if process.poll() is None:
             process.kill()
+        process.wait()
     deadline = time.monotonic() + 10
     while await amqp.depth(cfg.workers.webhook.queue) != 2:
         assert time.monotonic() < deadline, "jobs were not returned to the queue"

@@ -102,9 +102,34 @@ async def test_daemon_speaks_the_notify_protocol(
     finally:
         if process.poll() is None:
             process.kill()
+        process.wait()
     assert b"READY=1" in seen
     assert sum(datagram == b"WATCHDOG=1" for datagram in pings) >= 2
     reloading = [d for d in reload if d.startswith(b"RELOADING=1")]
     assert reloading and b"\nMONOTONIC_USEC=" in reloading[0]
     assert reload[-1] == b"READY=1"
     assert stopping[-1] == b"STOPPING=1"
+
+
+@pytest.mark.e2e
+async def test_sigterm_right_after_a_reload_still_stops(
+    tmp_path: Path, names: Names, amqp: Broker, notify_socket: socket.socket
+) -> None:
+    """SIGHUP, READY, then at once SIGTERM, ten times: the daemon exits 0 every time."""
+    cfg = make_config(names)
+    amqp.track(cfg)
+    for round_ in range(10):
+        port = free_port()
+        config_file = write_config(tmp_path / f"config{round_}.toml", names, port=port)
+        process = spawn("run", "--config", str(config_file), log=tmp_path / f"d{round_}.log")
+        try:
+            await _collect(notify_socket, b"READY=1")
+            process.send_signal(signal.SIGHUP)
+            await _collect(notify_socket, b"RELOADING=1")
+            await _collect(notify_socket, b"READY=1")
+            process.send_signal(signal.SIGTERM)
+            assert await wait_exit(process, 10) == 0, f"round {round_} hung"
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()

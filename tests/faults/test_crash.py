@@ -55,6 +55,7 @@ async def test_sigkill_mid_stream_loses_nothing(
     finally:
         if first.poll() is None:
             first.kill()
+        first.wait()
     before_restart = len(receiver.requests)
     second = spawn("run", "--config", str(config_file), log=tmp_path / "second.log")
     try:
@@ -69,6 +70,7 @@ async def test_sigkill_mid_stream_loses_nothing(
     finally:
         if second.poll() is None:
             second.kill()
+        second.wait()
     got = [request.headers["webhook-id"] for request in receiver.requests]
     lost = wanted - set(got)
     duplicates = len(got) - len(set(got))
