@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from formcraftd import config
 from formcraftd.broker import Broker, WorkerTopology
+from formcraftd.broker import delete_topology as delete_declared
 from formcraftd.daemon import Daemon
 from tests.fake_google import FakeGoogle, sheets_job_body
 
@@ -115,9 +116,7 @@ async def delete_topology(
 ) -> None:
     channel = await connection.channel()
     try:
-        for spec in topology.queues():
-            await channel.queue_delete(spec.name)
-        await channel.exchange_delete(topology.dead_letter_exchange)
+        await delete_declared(channel, topology)
     finally:
         await channel.close()
 

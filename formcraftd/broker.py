@@ -284,6 +284,13 @@ async def _declare_on(channel: AbstractChannel, topology: WorkerTopology) -> Non
         raise TopologyError(f"{entity}: access refused: {_describe(exc)}") from None
 
 
+async def delete_topology(channel: AbstractChannel, topology: WorkerTopology) -> None:
+    """Delete every queue of `topology` and its dead-letter exchange (messages included)."""
+    for spec in topology.queues():
+        await channel.queue_delete(spec.name)
+    await channel.exchange_delete(topology.dead_letter_exchange)
+
+
 async def declare_consumer_queue(
     channel: AbstractRobustChannel, spec: QueueSpec
 ) -> AbstractRobustQueue:

@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp import web
 
 from formcraftd import config
-from formcraftd.broker import WorkerTopology
+from formcraftd.broker import WorkerTopology, delete_topology
 
 AMQP_URL = os.environ.get("FORMCRAFTD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -222,9 +222,7 @@ class Broker:
     async def cleanup(self) -> None:
         channel = await self.connection.channel()
         for topology in self._declared:
-            for spec in topology.queues():
-                await channel.queue_delete(spec.name)
-            await channel.exchange_delete(topology.dead_letter_exchange)
+            await delete_topology(channel, topology)
         await channel.close()
 
 
