@@ -9,6 +9,7 @@ broker; if that publish fails, the message is returned to the queue instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -16,9 +17,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustQueue
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
 
 from formcraftd import jobs, tracking
+from formcraftd.acks import Acks, Delivery
 from formcraftd.attempts import Attempt, Outcome, delivery_event, log_attempt, report_dead_letter
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import WorkerTopology, declare_consumer_queue
@@ -37,7 +41,6 @@ from formcraftd.outcomes import (
     count_header,
     first_seen_ms,
     one_line,
-    settle,
 )
 from formcraftd.retry import RetrySchedule
 from formcraftd.settled import SettledDeliveries
@@ -47,6 +50,8 @@ log = logging.getLogger("formcraftd.consumer")
 _JOB_CLASSES = (jobs.WebhookJob, jobs.EmailJob, jobs.SheetsJob)
 
 ConsumerState = Literal["starting", "consuming", "paused", "stopping", "stopped"]
+
+RESUBSCRIBE_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # after the broker cancelled our consumer
 
 
 class Consumer:
@@ -82,7 +87,9 @@ class Consumer:
         self.limiter = ResizableLimiter(worker.concurrency)
         metrics.concurrency_limit.set(worker.concurrency)
         self.state: ConsumerState = "starting"
-        self._queue: AbstractRobustQueue | None = None
+        self._acks = Acks(batch=_ack_batch(prefetch), on_lost=self._acks_lost)
+        self._queue: AbstractRobustQueue | None = None  # held: the channel re-declares it
+        self._underlay: AbstractChannel | None = None  # the AMQP channel we consume on
         self._outcomes = Outcomes(channel, worker.queue)
         self._settled = SettledDeliveries(
             window_s=daemon_config.settled_memory_s, size=daemon_config.settled_memory_size
@@ -96,6 +103,7 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()  # every message not yet settled
         self._waiting: set[asyncio.Task[None]] = set()  # ... of which waiting for a slot
         self._running: dict[asyncio.Task[None], float] = {}  # ... of which in a handler
+        metrics.in_flight.set_function(self._in_flight)  # read at scrape time, not per job
         self.finished = 0  # jobs that succeeded, were retried or dead-lettered
         self.failed = 0  # ... of which retried or dead-lettered
 
@@ -103,10 +111,13 @@ class Consumer:
 
     @property
     def consuming(self) -> bool:
-        return self.state == "consuming" and not self._channel.is_closed
+        return self.state == "consuming" and self._tag is not None and not self._channel.is_closed
 
     @property
     def in_flight(self) -> int:
+        return len(self._running)
+
+    def _in_flight(self) -> float:
         return len(self._running)
 
     def oldest_in_flight_s(self) -> float:
@@ -119,8 +130,12 @@ class Consumer:
         """Consume until :meth:`stop`, then drain in-flight jobs by the deadline."""
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            # A robust channel declares the queue again after a reconnect, and
+            # then calls _on_reopen, which consumes again on the new channel.
             self._queue = await declare_consumer_queue(self._channel, self._topology.main)
             await self._outcomes.declare(self._topology.dead_letter_exchange)
+            self._channel.reopen_callbacks.add(self._on_reopen)
+            flusher = tg.create_task(self._acks.run())
             await self._subscribe()
             self.subscribed.set()
             await self._stop.wait()
@@ -128,6 +143,9 @@ class Consumer:
             await self._unsubscribe()
             self._requeue_waiting()
             await self._drain()
+            await self._acks.flush(everything=True)
+            flusher.cancel()
+        self._channel.reopen_callbacks.discard(self._on_reopen)
         self._tg = None
         self.state = "stopped"
         if not self._channel.is_closed:
@@ -147,6 +165,7 @@ class Consumer:
         if prefetch == self.prefetch:
             return
         self.prefetch = prefetch
+        self._acks.set_batch(_ack_batch(prefetch))
         if self.state != "consuming":
             await self._channel.set_qos(prefetch_count=prefetch)
             return
@@ -177,20 +196,71 @@ class Consumer:
         self._metrics.concurrency_limit.set(worker.concurrency)
 
     async def _subscribe(self) -> None:
-        assert self._queue is not None
-        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        underlay = await self._channel.get_underlay_channel()
+        if underlay is not self._underlay:
+            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        ok = await underlay.basic_consume(self.queue_name, self._on_delivery, no_ack=False)
+        self._underlay, self._tag = underlay, ok.consumer_tag
         self.state = "consuming"
 
     async def _unsubscribe(self) -> None:
-        if self._queue is None or self._tag is None:
-            return
-        tag, self._tag = self._tag, None
-        if self._channel.is_closed:
+        underlay, tag = self._underlay, self._tag
+        self._tag = None
+        if underlay is None or tag is None or underlay.is_closed:
             return
         try:
-            await self._queue.cancel(tag)
+            await underlay.basic_cancel(tag)
         except Exception as exc:  # the channel may be closing under us
             log.warning("cancelling consumer of %s failed: %s", self.queue_name, exc)
+
+    async def _on_reopen(self, _channel: object) -> None:
+        """After a reconnect: consume again on the new channel, unless paused or stopping."""
+        self._tag = None
+        if self.state != "consuming" or self._stop.is_set():
+            return
+        try:
+            await self._subscribe()
+        except Exception as exc:
+            log.error("%s: could not consume again after reconnecting: %s", self.queue_name, exc)
+            self._start_resubscribing()
+
+    def _on_cancelled(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled our consumer (e.g. the queue was deleted): subscribe again."""
+        if frame.consumer_tag != self._tag:
+            return
+        self._tag = None
+        log.warning("%s: the broker cancelled our consumer; subscribing again", self.queue_name)
+        self._start_resubscribing()
+
+    def _start_resubscribing(self) -> None:
+        if self._tg is not None and not self._stop.is_set():
+            self._tg.create_task(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        """Declare the queue again and consume, with growing pauses, until it works or we stop."""
+        for attempt in range(1_000_000):
+            delay = RESUBSCRIBE_DELAYS_S[min(attempt, len(RESUBSCRIBE_DELAYS_S) - 1)]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            if self._stop.is_set() or self._tag is not None or self.state != "consuming":
+                return
+            try:
+                await declare_consumer_queue(self._channel, self._topology.main)
+                await self._subscribe()
+            except Exception as exc:
+                log.warning("%s: subscribing again failed: %s", self.queue_name, one_line(exc))
+                continue
+            log.info("%s: consuming again", self.queue_name)
+            return
+
+    def _acks_lost(self, count: int) -> None:
+        log.warning(
+            "%s: %d acks lost with their channel; the broker will redeliver those jobs, "
+            "which are recognised as settled and not run again",
+            self.queue_name,
+            count,
+        )
 
     def _requeue_waiting(self) -> None:
         """Jobs that never got a concurrency slot go back to the queue at once."""
@@ -217,13 +287,16 @@ class Consumer:
             for task in self._tasks:
                 task.cancel()
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # aio-pika runs this in a task of its own, which a closing channel may
-        # cancel; the work goes to a task owned by this consumer's task group.
+    async def _on_delivery(self, raw: DeliveredMessage) -> None:
+        # The channel calls this in a task of its own, which a closing channel
+        # cancels; the work goes to a task owned by this consumer's task group,
+        # so a job in flight finishes (and is remembered as settled) even then.
         if self._tg is None:
             return  # the consumer has finished: closing its channel returns the message
+        message = Delivery(raw)
+        self._acks.track(message)
         if self._stop.is_set():
-            await settle(message.nack(requeue=True))
+            self._tg.create_task(self._acks.nack(message))
             return
         task = self._tg.create_task(self._process(message))
         self._tasks.add(task)
@@ -232,7 +305,7 @@ class Consumer:
 
     # --- one message ------------------------------------------------------------
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process(self, message: Delivery) -> None:
         task = asyncio.current_task()
         assert task is not None
         try:
@@ -240,15 +313,13 @@ class Consumer:
         except asyncio.CancelledError:
             self._waiting.discard(task)
             self._running.pop(task, None)
-            await asyncio.shield(settle(message.nack(requeue=True)))
+            await asyncio.shield(self._acks.nack(message))
             raise
         except Exception:
             log.exception("unexpected error handling a message from %s", self.queue_name)
-            await settle(message.nack(requeue=True))
+            await self._acks.nack(message)
 
-    async def _process_message(
-        self, message: AbstractIncomingMessage, task: asyncio.Task[None]
-    ) -> None:
+    async def _process_message(self, message: Delivery, task: asyncio.Task[None]) -> None:
         job_id = jobs.job_id_for(message.message_id, message.body)
         tries_before = count_header(message.headers, ATTEMPT_HEADER)
         ctx = JobContext(job_id=job_id, attempt=tries_before + 1, queue=self.queue_name)
@@ -268,7 +339,7 @@ class Consumer:
                 result, duration = await self._run_handler(job, ctx, task)
         await self._settle_outcome(message, job, ctx, result, duration)
 
-    async def _handle_redelivery(self, message: AbstractIncomingMessage, ctx: JobContext) -> bool:
+    async def _handle_redelivery(self, message: Delivery, ctx: JobContext) -> bool:
         """Settle a redelivered message without running it, when that is the safe thing.
 
         A delivery this process already settled (its ack was lost) is acked again.
@@ -284,7 +355,7 @@ class Consumer:
                 extra={"queue": self.queue_name, "job_id": ctx.job_id},
             )
             self._metrics.duplicates.inc()
-            await settle(message.ack())
+            self._acks.ack(message)
             return True
         if not self._count_redeliveries:
             return False
@@ -312,9 +383,9 @@ class Consumer:
                 ctx.job_id,
                 one_line(exc),
             )
-            await settle(message.nack(requeue=True))
+            await self._acks.nack(message)
             return True
-        await settle(message.ack())
+        self._acks.ack(message)
         return True
 
     async def _run_handler(
@@ -323,15 +394,13 @@ class Consumer:
         """One try, counted as in flight; its result and its duration."""
         self._waiting.discard(task)
         started = self._running[task] = time.monotonic()
-        self._metrics.in_flight.inc()
         try:
             result = await self._attempt(job, ctx)
         finally:
-            self._metrics.in_flight.dec()
             self._running.pop(task, None)
         return result, time.monotonic() - started
 
-    def _decode(self, message: AbstractIncomingMessage) -> Job | PermanentFailure:
+    def _decode(self, message: Delivery) -> Job | PermanentFailure:
         """The typed job, or the VALIDATION_ERROR that dead-letters the message."""
         limit = self._daemon_config.max_message_bytes
         try:
@@ -389,32 +458,32 @@ class Consumer:
 
     async def _settle_outcome(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         job: Job | None,
         ctx: JobContext,
         result: Exception | Delivered | None,
         duration: float,
     ) -> None:
         failure = result if isinstance(result, Exception) else None
-        try:
-            outcome, final = await self._publish_outcome(message, job, ctx, failure)
-        except Exception as exc:
-            log.error(
-                "%s: could not publish the outcome of job %s (%s); returning it to the queue",
-                self.queue_name,
-                ctx.job_id,
-                one_line(exc),
-            )
-            await settle(message.nack(requeue=True))
-            return
+        outcome: Outcome = "success"
+        final: Exception | None = None
+        if failure is None:
+            self._metrics.success.inc()
+        else:
+            try:
+                outcome, final = await self._publish_outcome(message, job, ctx, failure)
+            except Exception as exc:
+                log.error(
+                    "%s: could not publish the outcome of job %s (%s); returning it to the queue",
+                    self.queue_name,
+                    ctx.job_id,
+                    one_line(exc),
+                )
+                await self._acks.nack(message)
+                return
         if outcome != "delayed":
             self._settled.add(ctx.job_id, ctx.attempt - 1)
-        if not await settle(message.ack()):
-            log.warning(
-                "%s: ack of job %s lost with its channel; the broker will redeliver it",
-                self.queue_name,
-                ctx.job_id,
-            )
+        self._acks.ack(message)
         if outcome != "delayed":
             self.finished += 1
             if outcome != "success":
@@ -428,15 +497,12 @@ class Consumer:
 
     async def _publish_outcome(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         job: Job | None,
         ctx: JobContext,
-        failure: Exception | None,
-    ) -> tuple[Outcome, Exception | None]:
-        """Publish where the job goes next; the outcome and the failure that decided it."""
-        if failure is None:
-            self._metrics.success.inc()
-            return "success", None
+        failure: Exception,
+    ) -> tuple[Outcome, Exception]:
+        """Publish where a failed job goes next; the outcome and the failure that decided it."""
         if isinstance(failure, BreakerOpen):
             return await self._delay_for_breaker(message, ctx, failure)
         if isinstance(failure, RetryLater) and self._schedule.tries_left(ctx.attempt):
@@ -460,7 +526,7 @@ class Consumer:
 
     async def _retry(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         job: Job | None,
         ctx: JobContext,
         failure: RetryLater,
@@ -479,7 +545,7 @@ class Consumer:
         await self._outcomes.to_tier(message, ctx.job_id, body, headers, tier)
 
     async def _delay_for_breaker(
-        self, message: AbstractIncomingMessage, ctx: JobContext, failure: BreakerOpen
+        self, message: Delivery, ctx: JobContext, failure: BreakerOpen
     ) -> tuple[Outcome, Exception]:
         now_ms = time.time() * 1000
         first_seen = first_seen_ms(message, now_ms)
@@ -507,3 +573,8 @@ class Consumer:
         log_attempt(attempt)
         if self._emit is not None:
             self._emit(delivery_event(attempt))
+
+
+def _ack_batch(prefetch: int) -> int:
+    """Due acks that are flushed without waiting: a quarter of the prefetch window."""
+    return max(1, prefetch // 4)

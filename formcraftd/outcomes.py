@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel
 
+from formcraftd.acks import Delivery
 from formcraftd.errors import PermanentFailure
 from formcraftd.retry import retry_queue_name
 
@@ -43,7 +44,7 @@ def count_header(headers: Mapping[str, Any] | None, name: str) -> int:
     return 0
 
 
-def first_seen_ms(message: AbstractIncomingMessage, now_ms: float) -> float:
+def first_seen_ms(message: Delivery, now_ms: float) -> float:
     """When the job was first seen: our header, else the AMQP timestamp, else now."""
     value = (message.headers or {}).get(FIRST_SEEN_HEADER)
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= now_ms:
@@ -83,7 +84,7 @@ class Outcomes:
 
     async def to_tier(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         job_id: str,
         body: bytes,
         headers: dict[str, Any],
@@ -96,9 +97,7 @@ class Outcomes:
             mandatory=True,
         )
 
-    async def to_queue_tail(
-        self, message: AbstractIncomingMessage, job_id: str, headers: dict[str, Any]
-    ) -> None:
+    async def to_queue_tail(self, message: Delivery, job_id: str, headers: dict[str, Any]) -> None:
         """Publish the job again at the tail of its own queue."""
         await self._channel.default_exchange.publish(
             _outgoing(message, job_id, message.body, headers),
@@ -108,7 +107,7 @@ class Outcomes:
 
     async def dead_letter(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         job_id: str,
         failure: PermanentFailure,
         attempts: int,
@@ -135,7 +134,7 @@ class Outcomes:
 
 
 def _outgoing(
-    message: AbstractIncomingMessage, job_id: str, body: bytes, headers: dict[str, Any]
+    message: Delivery, job_id: str, body: bytes, headers: dict[str, Any]
 ) -> aio_pika.Message:
     return aio_pika.Message(
         body,
@@ -149,15 +148,3 @@ def _outgoing(
         type=message.type,
         app_id=message.app_id,
     )
-
-
-async def settle(operation: Awaitable[object]) -> bool:
-    """Await an ack/nack; False when its channel is gone (the broker redelivers)."""
-    try:
-        await operation
-    except (aio_pika.exceptions.ChannelInvalidStateError, aio_pika.exceptions.MessageProcessError):
-        return False
-    except Exception as exc:
-        log.debug("settling a message failed: %s", exc)
-        return False
-    return True

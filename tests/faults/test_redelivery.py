@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Awaitable
 
 import pytest
 
-from formcraftd import consumer as consumer_module
+from formcraftd import acks as acks_module
 from formcraftd.broker import Broker as DaemonBroker
 from formcraftd.broker import WorkerTopology
 from formcraftd.config import Config
@@ -37,16 +36,15 @@ async def test_a_job_whose_ack_was_lost_is_not_sent_again(
 ) -> None:
     """Work done, ack lost with the connection: the redelivery is acked, not re-sent."""
     lost: list[bool] = []
-    real_settle = consumer_module.settle
+    real_ack = acks_module.Acks.ack
 
-    async def lose_first_ack(operation: Awaitable[object]) -> bool:
-        if not lost and getattr(operation, "__qualname__", "").endswith("ack"):
-            lost.append(True)
-            operation.close()  # type: ignore[attr-defined]
-            return False
-        return await real_settle(operation)
+    def lose_first_ack(self: acks_module.Acks, delivery: acks_module.Delivery) -> None:
+        if not lost:
+            lost.append(True)  # never sent: the delivery stays unacked on its channel
+            return
+        real_ack(self, delivery)
 
-    monkeypatch.setattr(consumer_module, "settle", lose_first_ack)
+    monkeypatch.setattr(acks_module.Acks, "ack", lose_first_ack)
     receiver = await receiver_factory()
     cfg = make_config(names)
     daemon = await start_daemon(cfg)
