@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
 
-from formcraftd import __version__, dlq, systemd
+from formcraftd import __version__, dlq, logs, systemd
 from formcraftd import events as events_module
 from formcraftd.breakers import BreakerRegistry
 from formcraftd.broker import Broker, WorkerTopology
@@ -167,6 +167,7 @@ class Daemon:
         finally:
             await self._close()
         log.info("stopped")
+        logs.flush()
 
     async def _start(self) -> None:
         await self.broker.connect()
@@ -385,4 +386,7 @@ async def run_daemon(config: Config, *, config_path: str | None = None) -> None:
     """Entry point for `formcraftd run`: signals handled, reload from `config_path`."""
     daemon = Daemon(config, config_path=config_path)
     daemon.install_signal_handlers()
-    await daemon.run()
+    try:
+        await daemon.run()
+    finally:
+        logs.flush()  # INFO lines may wait in the log buffer for up to 50 ms

@@ -9,16 +9,29 @@ e.g. ``log.info("delivered %s", job_id, extra={"queue": q, "job_id": job_id})``.
 :func:`redact` masks obvious secrets in free text; the formatters apply it to
 every message, exception and string field as a last line of defence — call
 sites must still never log a secret on purpose.
+
+Lines below WARNING are buffered while an event loop runs: written within
+``_FLUSH_DELAY_S`` or once ``_BUFFER_CHARS`` are waiting, whichever comes first;
+a WARNING or worse is written at once, after what waits before it. Without a
+running loop every line is written at once. :func:`flush` writes the buffer out
+now (the daemon calls it as it stops; interpreter exit does too, through
+logging's own shutdown hook), and so do :func:`configure` and :func:`reset`.
+
+:func:`write_direct` writes a JSON line without the logging machinery (no
+LogRecord, no formatter) when only the handler :func:`configure` installed
+would see the record: the per-job line is on the hot path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import re
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, TextIO
 
 import orjson
@@ -63,12 +76,17 @@ _LEVELS: Final = {
 }
 _RESERVED: Final = frozenset({"ts", "level", "logger", "msg", "exc_type", "exc", "traceback"})
 _HANDLER_NAME: Final = "formcraftd.stdout"
+# How long a line below WARNING may wait in the buffer, and how much may wait.
+_FLUSH_DELAY_S: Final = 0.05
+_BUFFER_CHARS: Final = 64 * 1024
 
 # Loggers whose level configure() set on behalf of DEBUG=workers:<kind>, so that
 # the next configure() can put them back to NOTSET (inherit).
 _debug_loggers: set[str] = set()
 _sentry_dsn = ""
 _sentry_missing_warned = False
+# The handler configure() installed (None before, and after reset()).
+_handler: _StdoutHandler | None = None
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +119,53 @@ def _mask_value(match: re.Match[str]) -> str:
 _MAYBE_SECRET = re.compile(
     r"://|whsec_|bearer|basic|passw|secret|token|api[_-]?key|authorization", re.IGNORECASE
 )
+# The same words, matched case-sensitively against lower-cased text. For ASCII
+# text this finds exactly what _MAYBE_SECRET finds (the further case matches of
+# IGNORECASE, such as U+017F long s for "s" or U+212A Kelvin sign for "k", are
+# not ASCII), and several times faster: a case-insensitive alternation defeats
+# the regex engine's first-character scan.
+_MAYBE_SECRET_LOWER = re.compile(_MAYBE_SECRET.pattern)
+
+
+def _maybe_secret(text: str) -> bool:
+    """Whether `text` contains one of the words every secret pattern needs."""
+    if text.isascii():
+        return _MAYBE_SECRET_LOWER.search(text.lower()) is not None
+    return _MAYBE_SECRET.search(text) is not None
 
 
 def redact(text: str) -> str:
     """`text` with URL passwords, ``whsec_`` keys, bearer tokens and secret pairs masked."""
-    if not _MAYBE_SECRET.search(text):
+    if not _maybe_secret(text):
         return text
     text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
     text = _WHSEC.sub("whsec_***", text)
     text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
     return _SECRET_PAIR.sub(_mask_value, text)
+
+
+# --- timestamps -------------------------------------------------------------------
+
+# ".000" to ".999": the millisecond part of a timestamp, without formatting it each time.
+_MILLIS: Final = tuple(f".{n:03d}" for n in range(1000))
+# The last second formatted and its text, as one tuple so that threads never
+# read the text of one second paired with another.
+_last_second: tuple[int, str] = (-1, "")
+
+
+def utc_timestamp(second: int, millis: int, zone: str = "Z") -> str:
+    """RFC 3339 in UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``.
+
+    `second` counts from the epoch and `millis` (0-999) is added to it; `zone`
+    is written as is at the end ("Z", or "+00:00" as ``datetime.isoformat``
+    writes it). The date and time of day are formatted once per second.
+    """
+    global _last_second  # noqa: PLW0603 - a one-entry cache shared by every caller
+    cached, text = _last_second
+    if cached != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return text + _MILLIS[millis] + zone
 
 
 # --- formatters ------------------------------------------------------------------
@@ -163,8 +218,7 @@ class JsonFormatter(logging.Formatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """RFC 3339 in UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z"
+        return utc_timestamp(int(record.created), int(record.msecs))
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -202,26 +256,101 @@ def _console_value(value: Any) -> str:
 
 
 class _StdoutHandler(logging.StreamHandler[TextIO]):
-    """A stream handler that, when given no stream, writes to the *current* sys.stdout.
+    """A buffering stream handler that, given no stream, writes to the *current* sys.stdout.
 
     Following sys.stdout (rather than keeping the object seen at configure time)
     keeps logging working when a test runner or a reload swaps the stream.
+
+    A line below WARNING waits while an event loop runs in this thread: one
+    timer on that loop writes the buffer out within ``_FLUSH_DELAY_S``, unless
+    ``_BUFFER_CHARS`` pile up first. A WARNING or worse is written at once, after
+    the lines before it. Without a running loop there is nothing to run a timer,
+    so every line is written at once. Write errors go to :meth:`handleError`, as
+    in any handler, and never reach the caller.
     """
 
     def __init__(self, stream: TextIO | None) -> None:
         super().__init__(stream if stream is not None else sys.stdout)
         self.name = _HANDLER_NAME
         self._follow_stdout = stream is None
+        # The lock Handler.handle() holds around emit(); write_line() takes it too, so
+        # lines from both share one buffer safely across threads.
+        assert self.lock is not None, "Handler.__init__ creates it"
+        self._lock: threading.RLock = self.lock
+        self._lines: list[str] = []  # formatted lines, without terminators
+        self._chars = 0
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # where a flush is due
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write `record`, to sys.stdout as it is now when following it."""
+        """Format `record` and buffer or write it (the caller holds the lock)."""
+        try:
+            text = self.format(record)
+        except RecursionError:  # as StreamHandler.emit: never swallowed
+            raise
+        except Exception:
+            self.handleError(record)
+            return
+        self._add(text, record.levelno)
+
+    def write_line(self, text: str, levelno: int) -> None:
+        """Buffer or write one formatted line of level `levelno`, as emit() would."""
+        with self._lock:
+            self._add(text, levelno)
+
+    def flush(self) -> None:
+        """Write out the buffered lines now."""
+        with self._lock:
+            self._write_out()
+
+    def _add(self, text: str, levelno: int) -> None:
         if self._follow_stdout and self.stream is not sys.stdout:
+            self._write_out()  # lines logged before the swap belong to the old stream
             self.stream = sys.stdout
-        super().emit(record)
+        self._lines.append(text)
+        self._chars += len(text)
+        if levelno >= logging.WARNING or self._chars >= _BUFFER_CHARS:
+            self._write_out()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread to write the buffer out later
+            self._write_out()
+            return
+        # One timer per buffer, on the loop of the thread that logs: a timer left on
+        # a loop that has stopped since must not hold the lines of another one.
+        if self._timer_loop is not loop:
+            self._timer_loop = loop
+            loop.call_later(_FLUSH_DELAY_S, self._flush_due, loop)
+
+    def _flush_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            if self._timer_loop is loop:
+                self._timer_loop = None
+            self._write_out()
+
+    def _write_out(self) -> None:
+        """Write and flush the buffered lines, or report the failure (lock held)."""
+        lines = self._lines
+        if not lines:
+            return
+        self._lines = []
+        self._chars = 0
+        try:
+            self.stream.write(self.terminator.join(lines) + self.terminator)
+            self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(
+                logging.makeLogRecord(
+                    {"name": ROOT_LOGGER, "msg": "%d log lines lost", "args": (len(lines),)}
+                )
+            )
 
 
 def _install(logger: logging.Logger, handler: logging.Handler | None) -> None:
     for old in [h for h in logger.handlers if h.name == _HANDLER_NAME]:
+        old.flush()  # its buffered lines come before anything the new handler writes
         logger.removeHandler(old)
     if handler is not None:
         logger.addHandler(handler)
@@ -260,15 +389,17 @@ def configure(config: LoggingConfig, *, stream: TextIO | None = None) -> None:
     """Install (or re-install) the one log handler and apply `config`'s levels.
 
     `stream` defaults to the process's stdout. Calling this again, e.g. after a
-    reload, replaces the handler and the levels; it never adds a second handler.
+    reload, replaces the handler (once the lines it buffered are written out) and
+    the levels; it never adds a second handler.
     """
-    global _debug_loggers  # noqa: PLW0603 - the loggers are process-global too
+    global _debug_loggers, _handler  # noqa: PLW0603 - the loggers are process-global too
     handler = _StdoutHandler(stream)
     handler.setFormatter(JsonFormatter() if config.format == "json" else ConsoleFormatter())
     everything = "*" in config.debug_workers
 
     root = logging.getLogger(ROOT_LOGGER)
     _install(root, handler)
+    _handler = handler
     root.setLevel(logging.DEBUG if everything else _LEVELS[config.level])
 
     wanted = set() if everything else _debug_logger_names(config.debug_workers)
@@ -293,10 +424,11 @@ def configure(config: LoggingConfig, *, stream: TextIO | None = None) -> None:
 
 
 def reset() -> None:
-    """Remove the handler :func:`configure` installed and the levels it set (for tests)."""
-    global _debug_loggers, _sentry_missing_warned  # noqa: PLW0603 - process-global, as loggers are
+    """Write out and remove the handler :func:`configure` installed, undo its levels (for tests)."""
+    global _debug_loggers, _handler, _sentry_missing_warned  # noqa: PLW0603 - process-global, as loggers are
     root = logging.getLogger(ROOT_LOGGER)
     _install(root, None)
+    _handler = None
     root.setLevel(logging.NOTSET)
     for name in _debug_loggers:
         logging.getLogger(name).setLevel(logging.NOTSET)
@@ -305,6 +437,108 @@ def reset() -> None:
     for name in _LIBRARY_DEBUG_LEVELS:
         _install(logging.getLogger(name), None)
         logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+# --- the direct path -----------------------------------------------------------------
+
+_PACKAGE_LOGGER: Final = logging.getLogger(ROOT_LOGGER)
+# Logger.callHandlers as the logging module defines it. Sentry's logging
+# integration replaces it (without functools.wraps) to see every record; while
+# it is replaced, records must go through it.
+_STOCK_CALL_HANDLERS: Final = (
+    logging.Logger.callHandlers
+    if logging.Logger.callHandlers.__module__ == logging.__name__
+    else None
+)
+
+
+def _only_json_handler(logger: logging.Logger, level: int) -> _StdoutHandler | None:
+    """The JSON handler when it is all that would see `logger`'s records at `level`.
+
+    That is: `logger` is a plain logger right under ``formcraftd``, without
+    handlers or filters of its own, propagating; ``formcraftd`` has only our
+    handler, which takes `level` unfiltered and formats JSON; the root logger
+    has no handlers; records are built by the stock LogRecord and handed out by
+    the stock Logger.callHandlers. Checked on every call, as tests and libraries
+    add handlers at any time (pytest's log capture on the root logger).
+    """
+    handler = _handler
+    if (
+        handler is None
+        or logging.root.handlers
+        or logger.handlers
+        or logger.filters
+        or not logger.propagate
+        or logger.parent is not _PACKAGE_LOGGER
+        or type(logger) is not logging.Logger
+        or len(_PACKAGE_LOGGER.handlers) != 1
+        or _PACKAGE_LOGGER.handlers[0] is not handler
+        or handler.filters
+        or level < handler.level
+        or type(handler.formatter) is not JsonFormatter
+        or logging.Logger.callHandlers is not _STOCK_CALL_HANDLERS
+        or logging.getLogRecordFactory() is not logging.LogRecord
+    ):
+        return None
+    return handler
+
+
+def write_direct(
+    logger: logging.Logger, level: int, message: str, fields: Mapping[str, Any]
+) -> bool:
+    """Write the line ``logger.log(level, message, extra=fields)`` would, if cheaper.
+
+    The line is built here, byte for byte as :class:`JsonFormatter` builds it
+    (only the instant in ``ts`` differs), when nothing but the JSON handler
+    :func:`configure` installed would see the record. Returns False, having
+    written nothing, when that is not so (console format, other handlers, a
+    logger with filters, Sentry's hook, a `fields` key the formatter treats
+    specially); the caller then makes that logging call. `message` is final:
+    what ``LogRecord.getMessage()`` would return. Only the allowlisted
+    :data:`FIELDS` of `fields` are written, as with ``extra=``.
+    """
+    if not logger.isEnabledFor(level):
+        return True  # the logging call would write nothing either
+    handler = _only_json_handler(logger, level)
+    if handler is None or "fields" in fields:
+        return False
+    now = time.time()
+    second = int(now)
+    line: dict[str, Any] = {
+        "ts": utc_timestamp(second, int((now - second) * 1000)),
+        "level": logging.getLevelName(level).lower(),
+        "logger": logger.name,
+        "msg": message,
+    }
+    texts = [message]
+    for name in FIELDS:
+        value = fields.get(name)
+        if value is not None:
+            line[name] = value
+            if isinstance(value, str):
+                texts.append(value)
+    # One search over every text instead of one per text: no word _maybe_secret
+    # looks for spans a newline, so the joined text has one exactly when one of
+    # the texts has; then each is redacted as the formatter would.
+    if _maybe_secret("\n".join(texts)):
+        line["msg"] = redact(message)
+        for name in FIELDS:
+            value = line.get(name)
+            if isinstance(value, str):
+                line[name] = redact(value)
+    try:
+        text = orjson.dumps(line, default=str).decode()
+    except Exception:  # e.g. an int beyond 64 bits: the logging call reports it as usual
+        return False
+    handler.write_line(text, level)
+    return True
+
+
+def flush() -> None:
+    """Write out the log lines waiting in the buffer (the daemon calls this as it stops)."""
+    handler = _handler
+    if handler is not None:
+        handler.flush()
 
 
 # --- Sentry (optional extra) --------------------------------------------------------
@@ -376,7 +610,10 @@ __all__ = [
     "ConsoleFormatter",
     "JsonFormatter",
     "configure",
+    "flush",
     "record_fields",
     "redact",
     "reset",
+    "utc_timestamp",
+    "write_direct",
 ]

@@ -1,16 +1,22 @@
-"""Tests of formcraftd.logs: JSON lines, redaction, idempotent configure, debug switches."""
+"""Tests of formcraftd.logs: JSON lines, redaction, idempotent configure, debug switches, buffer."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
+import subprocess
 import sys
+import textwrap
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from formcraftd import config, logs
 from formcraftd.config import LoggingConfig
@@ -200,6 +206,33 @@ def test_redact_masks_secrets(text: str, expected: str) -> None:
     assert logs.redact(text) == expected
 
 
+SECRET_WORDS = ["://", "whsec_", "Bearer", "BASIC", "passw", "Secret", "tOkEn", "api-key", "apikey"]
+
+
+@given(
+    st.lists(
+        st.sampled_from(SECRET_WORDS)
+        | st.text(alphabet="aBkKsS:/_-i\u017f\u0131\u212a \n\u00e9", max_size=8)
+        | st.text(max_size=8),
+        max_size=6,
+    ).map("".join)
+)
+def test_the_secret_precheck_agrees_with_a_case_insensitive_search(text: str) -> None:
+    """The fast pre-check of redact() finds a secret word exactly when IGNORECASE does.
+
+    Long s, dotless i and the Kelvin sign match "s", "i" and "k" case-insensitively.
+    """
+    assert logs._maybe_secret(text) == (logs._MAYBE_SECRET.search(text) is not None)
+
+
+@pytest.mark.parametrize(
+    "text", ["pa\u017f\u017fword=x", "BAS\u0131C", "to\u212aen", "AUTHORIZATION", "x://y"]
+)
+def test_the_secret_precheck_finds_words_in_any_case(text: str) -> None:
+    """Upper case and the non-ASCII case matches of IGNORECASE all count as secret words."""
+    assert logs._maybe_secret(text)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -316,3 +349,170 @@ def test_expected_broker_connection_noise_is_a_warning(stream: io.StringIO) -> N
     )
     [line] = lines(stream)
     assert line["level"] == "warning"
+
+
+# --- timestamps ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("second", [0, 59, 86_399, 951_782_400, 1_700_000_000, 4_102_444_799])
+@pytest.mark.parametrize("millis", [0, 7, 999])
+def test_timestamp_is_rfc3339_utc_with_milliseconds(second: int, millis: int) -> None:
+    """utc_timestamp() writes what strftime and the millisecond digits write, cache or not."""
+    expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{millis:03d}Z"
+    assert logs.utc_timestamp(second, millis) == expected
+    assert logs.utc_timestamp(second + 1, millis) != expected
+    assert logs.utc_timestamp(second, millis) == expected
+
+
+# --- the buffer -----------------------------------------------------------------------------
+
+
+def messages(stream: io.StringIO) -> list[str]:
+    return [line["msg"] for line in lines(stream)]
+
+
+async def test_info_lines_wait_in_a_running_loop_until_flush(stream: io.StringIO) -> None:
+    """In a running event loop INFO lines are buffered; flush() writes them out, in order."""
+    logs.configure(LoggingConfig(), stream=stream)
+    log = logging.getLogger("formcraftd.consumer")
+    log.info("one")
+    log.debug("hidden")
+    log.info("two")
+    assert stream.getvalue() == ""
+    logs.flush()
+    assert messages(stream) == ["one", "two"]
+
+
+async def test_a_warning_is_written_at_once_after_the_waiting_lines(stream: io.StringIO) -> None:
+    """A WARNING is not delayed, and the INFO lines logged before it come first."""
+    logs.configure(LoggingConfig(), stream=stream)
+    log = logging.getLogger("formcraftd.consumer")
+    log.info("before")
+    log.warning("warned")
+    assert messages(stream) == ["before", "warned"]
+    log.info("after")
+    log.error("failed")
+    assert messages(stream) == ["before", "warned", "after", "failed"]
+
+
+async def test_waiting_lines_are_written_within_the_delay(stream: io.StringIO) -> None:
+    """Without a flush, the event loop writes buffered lines out after a few milliseconds."""
+    logs.configure(LoggingConfig(), stream=stream)
+    logging.getLogger("formcraftd").info("soon")
+    assert stream.getvalue() == ""
+    await asyncio.sleep(logs._FLUSH_DELAY_S * 4)
+    assert messages(stream) == ["soon"]
+
+
+async def test_a_full_buffer_is_written_without_waiting(stream: io.StringIO) -> None:
+    """Once the buffer holds enough, it is written out at once."""
+    logs.configure(LoggingConfig(), stream=stream)
+    log = logging.getLogger("formcraftd")
+    message = "x" * 1000
+    for _ in range(logs._BUFFER_CHARS // 1000 + 1):
+        log.info(message)
+    assert len(stream.getvalue()) > logs._BUFFER_CHARS
+
+
+async def test_reset_and_reconfigure_write_out_waiting_lines(stream: io.StringIO) -> None:
+    """Replacing the handler (a reload) or removing it (reset) loses no buffered line."""
+    logs.configure(LoggingConfig(), stream=stream)
+    logging.getLogger("formcraftd").info("before the reload")
+    logs.configure(LoggingConfig(), stream=stream)
+    assert messages(stream) == ["before the reload"]
+    logging.getLogger("formcraftd").info("before the reset")
+    logs.reset()
+    assert messages(stream) == ["before the reload", "before the reset"]
+
+
+def test_lines_are_written_at_once_without_a_running_loop(stream: io.StringIO) -> None:
+    """Outside an event loop (CLI commands) nothing would write the buffer out later."""
+    logs.configure(LoggingConfig(), stream=stream)
+    logging.getLogger("formcraftd").info("now")
+    assert messages(stream) == ["now"]
+
+
+def test_a_loop_that_stops_leaves_no_line_behind(stream: io.StringIO) -> None:
+    """A line buffered in a loop that ended is written out with the next loop's lines."""
+    logs.configure(LoggingConfig(), stream=stream)
+    log = logging.getLogger("formcraftd")
+
+    async def log_and_wait(message: str, wait: float) -> None:
+        log.info(message)
+        await asyncio.sleep(wait)
+
+    asyncio.run(log_and_wait("first loop", 0))
+    assert stream.getvalue() == ""
+    asyncio.run(log_and_wait("second loop", logs._FLUSH_DELAY_S * 4))
+    assert messages(stream) == ["first loop", "second loop"]
+
+
+async def test_lines_before_a_stdout_swap_go_to_the_old_stdout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Following sys.stdout, a buffered line goes where sys.stdout was when it was logged."""
+    old, new = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", old)
+    try:
+        logs.configure(LoggingConfig())
+        logging.getLogger("formcraftd").info("to the old stdout")
+        monkeypatch.setattr(sys, "stdout", new)
+        logging.getLogger("formcraftd").info("to the new stdout")
+    finally:
+        logs.reset()
+    assert (messages(old), messages(new)) == (["to the old stdout"], ["to the new stdout"])
+
+
+class BrokenStream(io.StringIO):
+    """A stream whose writes fail, like stdout on a closed pipe."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError("stdout is gone")
+
+
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_write_errors_are_reported_not_raised(
+    capsys: pytest.CaptureFixture[str], in_loop: bool
+) -> None:
+    """A failing write goes to logging's error report on stderr; the caller carries on."""
+    logs.configure(LoggingConfig(), stream=BrokenStream())
+    log = logging.getLogger("formcraftd")
+
+    async def log_some() -> None:
+        log.info("lost")
+        log.warning("lost too")
+
+    try:
+        if in_loop:
+            asyncio.run(log_some())
+        else:
+            log.info("lost")
+        logs.flush()
+    finally:
+        logs.reset()
+    assert "BrokenPipeError: stdout is gone" in capsys.readouterr().err
+
+
+def test_waiting_lines_are_written_at_exit() -> None:
+    """A line still buffered when the interpreter exits is written out."""
+    program = textwrap.dedent(
+        """
+        import asyncio, logging
+        from formcraftd import logs
+        from formcraftd.config import LoggingConfig
+
+        async def main():
+            logs.configure(LoggingConfig())
+            logging.getLogger("formcraftd").info("last words")
+            asyncio.get_running_loop().stop()  # no chance for the timer
+
+        loop = asyncio.new_event_loop()
+        loop.create_task(main())
+        loop.run_forever()
+        assert logs._handler is not None and logs._handler._lines, "not buffered"
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert orjson.loads(result.stdout)["msg"] == "last words"
