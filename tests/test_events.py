@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import re
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aio_pika
+import aiormq
+import msgspec
 import orjson
+import pamqp.frame
 import pytest
 from aio_pika.abc import AbstractQueue
 from aiohttp import web
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+from prometheus_client import CollectorRegistry, Counter
 
-from formcraftd.config import Config
+from formcraftd.config import BrokerConfig, Config, EventsConfig
+from formcraftd.events import (
+    DeliveryEvent,
+    Event,
+    EventPublisher,
+    TokenRefreshedEvent,
+    _Wire,
+    now,
+    routing_key,
+)
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.fake_google import CLIENT_SECRET, Failure, FakeGoogle, sheets_job_body
 from tests.smtp_support import SmtpServer, email_payload, running_servers
-from tests.support import Broker, Names, make_config, webhook_job
+from tests.support import AMQP_URL, Broker, Names, TcpProxy, make_config, webhook_job
 from tests.test_process import free_port, run_cli, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
@@ -351,3 +371,267 @@ async def test_the_events_of_jobs_finished_during_shutdown_are_published(
     daemon.request_shutdown()
     [(key, _)] = await tap.wait(1, timeout=10)
     assert key == "webhook.succeeded"
+
+
+# --- the publisher itself, against the real broker -----------------------------------
+
+
+class Publishing:
+    """A running `EventPublisher` of its own, with its own dropped-events counter."""
+
+    def __init__(self, names: Names, url: str) -> None:
+        self.registry = CollectorRegistry()
+        dropped = Counter("formcraftd_events_dropped", "test", registry=self.registry)
+        self.publisher = EventPublisher(
+            EventsConfig(enabled=True, exchange=f"{names.prefix}.events"),
+            BrokerConfig(url=url),
+            dropped,
+        )
+
+    def dropped(self) -> float:
+        return self.registry.get_sample_value("formcraftd_events_dropped_total") or 0.0
+
+    async def emit(self, *events: Event, timeout: float = 30) -> None:
+        """Emit `events` and wait until each is published or dropped."""
+        for event in events:
+            self.publisher.emit(event)
+        async with asyncio.timeout(timeout):
+            await self.publisher.drained()
+
+
+@contextlib.asynccontextmanager
+async def publishing(names: Names, url: str = AMQP_URL) -> AsyncIterator[Publishing]:
+    running = Publishing(names, url)
+    task = asyncio.create_task(running.publisher.run())
+    try:
+        yield running
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def delivery(n: int, **fields: Any) -> DeliveryEvent:
+    defaults: dict[str, Any] = {
+        "kind": "webhook",
+        "outcome": "succeeded",
+        "job_id": f"job-{n}",
+        "queue": "webhook_tasks",
+        "form_id": "form-1",
+        "submission_id": str(n),
+        "attempt": 1,
+        "at": now(),
+    }
+    return DeliveryEvent(**(defaults | fields))
+
+
+async def test_events_go_out_with_their_properties(names: Names, tap: EventTap) -> None:
+    """Routing key, JSON body, persistent, type = routing key, a message id of its own each.
+
+    One event is larger than the broker's frame_max, so its body spans several frames.
+    """
+    token = TokenRefreshedEvent(form_id="form-1", access_token="ya29.new", expiry_date=1, at=now())
+    large = delivery(2, outcome="dead_lettered", response_snippet="x" * 300_000)
+    events = [delivery(1), large, token, delivery(3, kind="email", outcome="retrying")]
+    async with publishing(names) as running:
+        await running.emit(*events)
+        assert (running.publisher.published, running.dropped()) == (4, 0)
+    messages = [await tap.queue.get(no_ack=True, timeout=5) for _ in events]
+    assert [m.routing_key for m in messages] == [routing_key(e) for e in events]
+    assert [m.body for m in messages] == [msgspec.json.encode(e) for e in events]
+    for message in messages:
+        assert message.content_type == "application/json"
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert message.type == message.routing_key
+        assert message.headers == {}
+    ids = [m.message_id or "" for m in messages]
+    assert len(set(ids)) == 4 and all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+
+
+async def test_batches_and_aiormq_publishes_share_the_delivery_tags(
+    names: Names, tap: EventTap
+) -> None:
+    """A batch takes the channel's next delivery tags, as aiormq's own publish does.
+
+    Were they counted apart, an ack would resolve the wrong publish, or none.
+    """
+    async with publishing(names) as running:
+        await running.emit(*(delivery(n) for n in range(3)))
+        channel = await running.publisher._ensure_channel()
+        ack = await channel.basic_publish(
+            b"{}", exchange=f"{names.prefix}.events", routing_key="webhook.succeeded"
+        )
+        assert isinstance(ack, aiormq.spec.Basic.Ack) and ack.delivery_tag == 4
+        await running.emit(*(delivery(n) for n in range(3, 6)))
+        assert (running.publisher.published, running.dropped()) == (6, 0)
+        assert channel.delivery_tag == 7 and not channel.confirmations
+    await tap.wait(7)
+
+
+async def test_nacked_events_are_dropped_counted_and_warned_about_once(
+    names: Names, amqp: Broker, tap: EventTap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a full queue refuses (Basic.Nack) is dropped and counted, with one warning."""
+    channel = await amqp.connection.channel()
+    full = await channel.declare_queue(
+        exclusive=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"}
+    )
+    await full.bind(f"{names.prefix}.events", routing_key="#")
+    with caplog.at_level(logging.WARNING, logger="formcraftd.events"):
+        async with publishing(names) as running:
+            await running.emit(*(delivery(n) for n in range(5)))
+            assert (running.publisher.published, running.dropped()) == (2, 3)
+            await running.emit(*(delivery(n) for n in range(5, 10)))
+            assert (running.publisher.published, running.dropped()) == (2, 8)
+    [warning] = [r for r in caplog.records if r.name == "formcraftd.events"]
+    assert warning.getMessage().startswith("dropped 3 delivery events (DeliveryError)")
+    await channel.close()
+
+
+async def test_publishing_resumes_after_the_exchange_is_deleted(
+    names: Names, amqp: Broker, tap: EventTap
+) -> None:
+    """A publish to a deleted exchange closes the channel: that event is dropped, the next
+    batch declares the exchange again."""
+    exchange = f"{names.prefix}.events"
+    async with publishing(names) as running:
+        await running.emit(delivery(1))
+        channel = await amqp.connection.channel()
+        await channel.exchange_delete(exchange)
+        await running.emit(delivery(2))
+        assert (running.publisher.published, running.dropped()) == (1, 1)
+        await running.emit(delivery(3))
+        assert (running.publisher.published, running.dropped()) == (2, 1)
+        await channel.declare_exchange(exchange, passive=True)  # declared again
+        await tap.queue.bind(exchange, routing_key="#")
+        await running.emit(delivery(4))
+        await channel.close()
+    # job-3 went out before the tap's queue was bound to the new exchange
+    assert [event["job_id"] for _, event in await tap.wait(2)] == ["job-1", "job-4"]
+
+
+async def test_publishing_resumes_after_the_connection_is_lost(
+    names: Names, tap: EventTap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker vanishes mid-burst: what it did not confirm is dropped and counted, and
+    events emitted after the loss wait for the reconnection and go out."""
+    proxy = await TcpProxy().start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="formcraftd.events"):
+            async with publishing(names, f"amqp://guest:guest@127.0.0.1:{proxy.port}/") as running:
+                await running.emit(delivery(0))
+                for n in range(1, 3001):
+                    running.publisher.emit(delivery(n))
+                await asyncio.sleep(0)  # the first batch is written, its confirms awaited
+                await proxy.kill()
+                await proxy.start()
+                async with asyncio.timeout(30):
+                    await running.publisher.drained()
+                published = running.publisher.published
+                assert running.dropped() > 0
+                assert published + running.dropped() == 3001
+                await running.emit(*(delivery(n) for n in range(3001, 3011)))
+                assert running.publisher.published == published + 10
+                assert published + running.dropped() == 3001
+    finally:
+        await proxy.kill()
+    assert len([r for r in caplog.records if r.name == "formcraftd.events"]) == 1
+    await tap.quiet(0.2)
+    job_ids = {event["job_id"] for _, event in tap.events}
+    assert {f"job-{n}" for n in range(3001, 3011)} <= job_ids
+    assert len(job_ids) == published + 10
+
+
+async def test_publishing_resumes_after_the_broker_closes_the_connection(
+    names: Names, tap: EventTap
+) -> None:
+    """RabbitMQ closes the events connection (only that one): the next batch goes out
+    once the connection is back."""
+    proxy = await TcpProxy().start()
+    try:
+        async with publishing(names, f"amqp://guest:guest@127.0.0.1:{proxy.port}/") as running:
+            await running.emit(delivery(1))
+            await _close_connections_through(proxy)
+            await running.emit(delivery(2))
+            assert (running.publisher.published, running.dropped()) == (2, 0)
+    finally:
+        await proxy.kill()
+    assert [event["job_id"] for _, event in await tap.wait(2)] == ["job-1", "job-2"]
+
+
+async def _close_connections_through(proxy: TcpProxy) -> None:
+    """Have RabbitMQ close the connections that come through `proxy`, and nothing else."""
+    ports = {writer.get_extra_info("sockname")[1] for writer in proxy._writers} - {proxy.port}
+    listing = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid", "peer_port"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    pids = [
+        pid
+        for pid, port in (line.split("\t") for line in listing.stdout.splitlines() if line)
+        if int(port) in ports
+    ]
+    assert pids, f"no connection from ports {ports}"
+    for pid in pids:
+        await _rabbitmqctl("close_connection", pid, "test: the events connection goes away")
+
+
+async def test_a_batch_not_yet_written_gives_its_delivery_tags_back() -> None:
+    """Cancelled while the connection's writer is full: the broker never saw the batch,
+    so the channel's delivery tags and pending confirms are as before."""
+    write_queue: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+    write_queue.put_nowait(object())
+    channel = SimpleNamespace(
+        number=1,
+        max_content_size=131_064,
+        lock=asyncio.Lock(),
+        delivery_tag=7,
+        confirmations={},
+        create_future=asyncio.get_running_loop().create_future,
+        write_queue=write_queue,
+    )
+    running = Publishing(Names(), AMQP_URL)
+    send = asyncio.create_task(running.publisher._send(channel, [delivery(1), delivery(2)]))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert channel.delivery_tag == 9 and len(channel.confirmations) == 2
+    send.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    assert channel.delivery_tag == 7 and channel.confirmations == {}
+
+
+def test_the_frames_are_what_pamqp_marshals() -> None:
+    """Each event's frames, bytes prebuilt per routing key included, equal pamqp's own."""
+    wire = _Wire("fc.events", channel_number=5, max_body_frame=64)
+    events: list[Event] = [
+        delivery(1),
+        delivery(2, kind="sheets", outcome="delayed", error="x" * 150),
+        TokenRefreshedEvent(form_id="f", access_token="t", expiry_date=2, at=now()),
+        delivery(3),
+    ]
+    payload = wire.encode(events)
+    message_ids = re.findall(rb"[0-9a-f]{32}", payload)
+    assert len(set(message_ids)) == len(events)
+    expected = b""
+    for event, message_id in zip(events, message_ids, strict=True):
+        key = routing_key(event)
+        body = msgspec.json.encode(event)
+        frames: list[Any] = [
+            Basic.Publish(exchange="fc.events", routing_key=key, mandatory=False),
+            ContentHeader(
+                body_size=len(body),
+                properties=Basic.Properties(
+                    content_type="application/json",
+                    delivery_mode=2,
+                    message_id=message_id.decode(),
+                    message_type=key,
+                ),
+            ),
+            *(ContentBody(body[start : start + 64]) for start in range(0, len(body), 64)),
+        ]
+        expected += b"".join(pamqp.frame.marshal(frame, 5) for frame in frames)
+    assert payload == expected
