@@ -14,16 +14,17 @@ never a secret or signature.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -54,7 +55,12 @@ log = logging.getLogger("formcraftd.webhook")
 _SNIPPET_CHARS = 512
 _SNIPPET_BYTES = _SNIPPET_CHARS * 4  # enough UTF-8 for 512 characters
 _READ_CHUNK = 65_536
-_BACKSTOP_S = 0.5  # aiohttp's own total timeout should always fire first
+# Parsed URLs and keyed HMACs are kept for this many distinct URLs and
+# secrets (about 1.2 KiB per ordinary URL, 0.3 KiB per secret). A longer URL
+# or secret than _CACHEABLE_CHARS is worked out per job instead, which bounds
+# the caches at about 13 and 5 MiB even if every entry were that long.
+_CACHE_ENTRIES = 4096
+_CACHEABLE_CHARS = 1024
 _RETRYABLE = frozenset({408, 425, 429})
 # Ours always win; framing and hop-by-hop headers are the client's, so a job cannot desync it.
 _NOT_FROM_PAYLOAD = frozenset(
@@ -76,6 +82,8 @@ _NOT_FROM_PAYLOAD = frozenset(
     }
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SIGNATURE_HEADERS = ("webhook-signature", "X-FormCraft-Signature")
+_INVALID_KEY = "webhook:invalid-url"
 
 
 # --- pure functions -------------------------------------------------------------
@@ -104,12 +112,8 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]
 
     An empty key signs nothing: only `webhook-id` and `webhook-timestamp` are set.
     """
-    headers = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
-    if key:
-        signed = f"{msg_id}.{timestamp}.".encode() + body
-        v1 = base64.b64encode(hmac.digest(key, signed, hashlib.sha256)).decode()
-        headers["webhook-signature"] = f"v1,{v1}"
-        headers["X-FormCraft-Signature"] = "sha256=" + hmac.new(key, body, "sha256").hexdigest()
+    headers: dict[str, str] = {}
+    _Signer(key).add_headers(headers.__setitem__, msg_id, timestamp, body)
     return headers
 
 
@@ -125,13 +129,103 @@ def encode_body(body: Any) -> bytes:
 
 def breaker_key(url: str) -> str:
     """`webhook:<host>:<port>`, host lowercased, the scheme's default port filled in."""
+    return _target(url).breaker_key
+
+
+class _Signer:
+    """HMAC-SHA256 keyed once; each message is signed on a copy.
+
+    Keying an HMAC hashes the key into its inner and outer pads; copying the
+    keyed state skips that for every message after the first.
+    """
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, key: bytes) -> None:
+        self._mac = hmac.new(key, digestmod=hashlib.sha256) if key else None
+
+    def add_headers(
+        self, add: Callable[[str, str], None], msg_id: str, timestamp: int, body: bytes
+    ) -> None:
+        """Pass `webhook-id`, `webhook-timestamp` and, with a key, both signatures to `add`."""
+        add("webhook-id", msg_id)
+        add("webhook-timestamp", str(timestamp))
+        if self._mac is None:
+            return
+        v1 = self._mac.copy()
+        v1.update(f"{msg_id}.{timestamp}.".encode())
+        v1.update(body)
+        add("webhook-signature", "v1," + base64.b64encode(v1.digest()).decode())
+        plain = self._mac.copy()
+        plain.update(body)
+        add("X-FormCraft-Signature", "sha256=" + plain.hexdigest())
+
+
+def _signer(secret: str) -> _Signer:
+    """The signer for a secret: cached (a form's secret recurs on every submission).
+
+    An invalid secret raises ValueError each time; failures are not cached.
+    """
+    if len(secret) > _CACHEABLE_CHARS:
+        return _new_signer(secret)
+    return _cached_signer(secret)
+
+
+def _new_signer(secret: str) -> _Signer:
+    """A signer keyed with `secret`; ValueError if it is not a valid secret."""
+    return _Signer(signing_key(secret))
+
+
+_cached_signer = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_new_signer)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What a job's URL string yields, worked out once per distinct string."""
+
+    url: URL | None  # None: not a valid URL
+    origin: str  # for reasons and logs: no userinfo, path or query
+    breaker_key: str
+    host: str  # the raw host, for the IP-literal check
+    literal: bool  # an IP literal: aiohttp connects to it without resolving
+
+
+def _target(raw: str) -> _Target:
+    """The parsed target of `raw`: cached (every job of a form goes to one URL)."""
+    if len(raw) > _CACHEABLE_CHARS:
+        return _parse_target(raw)
+    return _cached_target(raw)
+
+
+def _parse_target(raw: str) -> _Target:
+    """Parse `raw` once into everything a delivery and its breaker need."""
     try:
-        parsed = URL(url)
-        host, port = parsed.raw_host, parsed.port
+        url = URL(raw)
     except ValueError:
-        return "webhook:invalid-url"
+        return _Target(None, "", _INVALID_KEY, "", literal=False)
+    key = _breaker_key_of(url)
+    try:
+        origin = str(url.origin())
+    except ValueError:  # a breaker key but nothing to send to
+        return _Target(None, "", key, "", literal=False)
+    host = url.raw_host or ""
+    # The test mirrors aiohttp's own (`":" in host` or digits and dots), so
+    # every host aiohttp will not resolve is checked against the policy.
+    literal = ":" in host or host.replace(".", "").isdigit()
+    return _Target(url, origin, key, host, literal)
+
+
+_cached_target = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_parse_target)
+
+
+def _breaker_key_of(url: URL) -> str:
+    """`webhook:<host>:<port>` of a parsed URL, or the shared key of invalid ones."""
+    try:
+        host, port = url.raw_host, url.port
+    except ValueError:
+        return _INVALID_KEY
     if not host:
-        return "webhook:invalid-url"
+        return _INVALID_KEY
     host = host.lower()
     return f"webhook:[{host}]:{port}" if ":" in host else f"webhook:{host}:{port}"
 
@@ -172,8 +266,14 @@ class _Settings:
     max_response_bytes: int
     policy: NetworkPolicy
     concurrency: int
-    # sock_read bounds each read and total bounds the whole exchange, body
-    # included, so a receiver dribbling bytes cannot stretch it past timeout_ms.
+    # total bounds the whole exchange: waiting for a pooled connection,
+    # resolving, connecting, sending and reading the response, body included
+    # (every body read checks it), so a receiver dribbling bytes cannot stretch
+    # a request past timeout_ms. sock_connect and sock_read (restarted by each
+    # chunk received) start later, so they never fire first: a second line.
+    # aiohttp rounds total and sock_connect deadlines of 5 s or more up to the
+    # next whole second of the loop clock; an infinite ceil_threshold turns
+    # that off, so a request ends at timeout_ms, not up to a second later.
     client_timeout: aiohttp.ClientTimeout
 
     @classmethod
@@ -184,21 +284,43 @@ class _Settings:
             config.max_response_bytes,
             NetworkPolicy.from_config(config),
             config.concurrency,
-            aiohttp.ClientTimeout(total=t, sock_connect=t, sock_read=t),
+            aiohttp.ClientTimeout(total=t, sock_connect=t, sock_read=t, ceil_threshold=math.inf),
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Request:
+    """One job's request, built once and not changed afterwards.
+
+    Not frozen: a frozen dataclass's `__init__` costs several times as much,
+    once per job. Headers, body and secret stay out of its repr.
+    """
+
     method: str
     url: URL
     origin: str  # for reasons and logs: no userinfo, path or query
-    headers: dict[str, str]
-    body: bytes
-    sensitive: tuple[str, ...]  # strings a receiver might echo back that must not leak
+    headers: dict[str, str] = field(repr=False)
+    body: bytes = field(repr=False)
+    secret: str = field(repr=False)
+    payload_headers: dict[str, str] = field(repr=False)
+
+    def sensitive(self) -> tuple[str, ...]:
+        """What a receiver might echo back that must not leak through a snippet.
+
+        The secret (with and without `whsec_`), both signatures and every
+        payload header value of 8 characters or more. Built only when a
+        response has a body to mask.
+        """
+        signatures = [
+            value.split(",", 1)[-1].removeprefix("sha256=")
+            for name in _SIGNATURE_HEADERS
+            if (value := self.headers.get(name)) is not None
+        ]
+        long_values = [v for v in self.payload_headers.values() if len(v) >= 8]
+        return (self.secret, self.secret.removeprefix("whsec_"), *signatures, *long_values)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Response:
     status: int
     retry_after: str | None
@@ -243,7 +365,7 @@ class WebhookHandler:
 
     def breaker_key(self, job: WebhookJob) -> str:
         """`webhook:<host>:<port>` of the job's URL."""
-        return breaker_key(job.payload.url)
+        return _target(job.payload.url).breaker_key
 
     async def handle(self, job: WebhookJob, ctx: JobContext) -> Delivered:
         """Deliver once: return on 2xx, else raise PermanentFailure or RetryLater."""
@@ -256,7 +378,8 @@ class WebhookHandler:
             response = await _send(pool.session, request, settings)
         finally:
             pool.inflight -= 1
-            await self._close_idle_retired()
+            if self._retired:
+                await self._close_idle_retired()
         log.debug(
             "%s %s -> %s in %.0f ms (job %s, attempt %d)",
             request.method,
@@ -274,12 +397,14 @@ class WebhookHandler:
         Pooled keep-alive connections and cached DNS answers were checked under
         the old policy, so they retire with their session.
         """
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise RuntimeError("WebhookHandler.start() was not called")
-        if self._pool.policy != settings.policy:
-            self._retired.append(self._pool)
-            self._pool = _Pool(settings.policy, settings.concurrency)
-        return self._pool
+        # The identity test settles the usual case without comparing networks.
+        if pool.policy is not settings.policy and pool.policy != settings.policy:
+            self._retired.append(pool)
+            pool = self._pool = _Pool(settings.policy, settings.concurrency)
+        return pool
 
     async def _close_idle_retired(self) -> None:
         idle = [pool for pool in self._retired if pool.inflight == 0]
@@ -293,81 +418,67 @@ class WebhookHandler:
     def _build(self, job: WebhookJob, ctx: JobContext, policy: NetworkPolicy) -> _Request:
         """Validate the target and assemble the signed request; no I/O."""
         payload = job.payload
-        url, origin = _parse_target(payload.url)
-        _check_literal_host(url, origin, policy)
+        target = _target(payload.url)
+        url = target.url
+        if url is None:
+            raise PermanentFailure(
+                "VALIDATION_ERROR", "payload.url is not a valid URL", reached_service=False
+            )
+        if target.literal:
+            _check_literal_host(target, policy)
         try:
-            key = signing_key(payload.secret)
+            signer = _signer(payload.secret)
             body = encode_body(payload.body)
             headers = _payload_headers(payload.headers)
         except ValueError as exc:
             raise PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False) from None
-        signed = sign(key, webhook_id(ctx.job_id, payload.url), int(time.time()), body)
-        headers |= signed
+        msg_id = webhook_id(ctx.job_id, payload.url)
+        signer.add_headers(headers.__setitem__, msg_id, int(time.time()), body)
         headers["User-Agent"] = self._user_agent
-        # A receiver may echo the request back; the snippet must not carry it out.
-        signatures = [
-            v.split(",", 1)[-1].removeprefix("sha256=")
-            for k, v in signed.items()
-            if "signature" in k.lower()
-        ]
-        long_values = [v for v in payload.headers.values() if len(v) >= 8]
-        sensitive = (
-            payload.secret,
-            payload.secret.removeprefix("whsec_"),
-            *signatures,
-            *long_values,
+        return _Request(
+            payload.method, url, target.origin, headers, body, payload.secret, payload.headers
         )
-        return _Request(payload.method, url, origin, headers, body, sensitive)
 
 
 def _payload_headers(given: dict[str, str]) -> dict[str, str]:
     """The job's headers minus those we own; Content-Type defaults to JSON."""
-    for name in given:
+    if not given:  # the usual case
+        return {"Content-Type": "application/json"}
+    headers: dict[str, str] = {}
+    typed = False
+    for name, value in given.items():
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"payload.headers has an invalid header name {name[:64]!r}")
-    headers = {k: v for k, v in given.items() if k.lower() not in _NOT_FROM_PAYLOAD}
-    if not any(k.lower() == "content-type" for k in headers):
+        lowered = name.lower()
+        if lowered not in _NOT_FROM_PAYLOAD:
+            headers[name] = value
+            typed = typed or lowered == "content-type"
+    if not typed:
         headers["Content-Type"] = "application/json"
     return headers
 
 
-def _parse_target(raw: str) -> tuple[URL, str]:
-    """The URL to request and its printable origin; a malformed one is invalid."""
-    try:
-        url = URL(raw)
-        origin = str(url.origin())
-    except ValueError:
-        raise PermanentFailure(
-            "VALIDATION_ERROR", "payload.url is not a valid URL", reached_service=False
-        ) from None
-    return url, origin
-
-
-def _check_literal_host(url: URL, origin: str, policy: NetworkPolicy) -> None:
+def _check_literal_host(target: _Target, policy: NetworkPolicy) -> None:
     """Refuse an IP-literal host up front: aiohttp connects to those without resolving.
 
-    The test mirrors aiohttp's own (`":" in host` or digits and dots), so
-    every host aiohttp will not resolve is checked here.
+    Host names are left to GuardedResolver, which checks what they resolve to.
     """
-    host = url.raw_host or ""
-    if ":" not in host and not host.replace(".", "").isdigit():
-        return  # a name: GuardedResolver checks what it resolves to
-    verdict = _literal_verdict(host, policy)
+    verdict = _literal_verdict(target.host, policy)
     if verdict == "invalid":
         raise PermanentFailure(
             "VALIDATION_ERROR",
-            f"{origin}: host is not a canonical IP address",
+            f"{target.origin}: host is not a canonical IP address",
             reached_service=False,
         )
     if verdict == "refused":
         raise PermanentFailure(
             "SSRF_BLOCKED",
-            f"{origin}: {host} is a private or reserved address",
+            f"{target.origin}: {target.host} is a private or reserved address",
             reached_service=False,
         )
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
 def _literal_verdict(host: str, policy: NetworkPolicy) -> str:
     """ "ok", "refused" or "invalid" for an IP-literal host (cached: the same hosts recur)."""
     try:
@@ -380,27 +491,32 @@ def _literal_verdict(host: str, policy: NetworkPolicy) -> str:
 async def _send(
     session: aiohttp.ClientSession, request: _Request, settings: _Settings
 ) -> _Response:
-    """Send the request and read the head of the response; translate transport errors."""
-    t = settings.timeout_s
-    timeout = settings.client_timeout
+    """Send the request and read the head of the response; translate transport errors.
+
+    aiohttp's total timeout (see `_Settings.client_timeout`) is the only
+    deadline: it covers every step of the exchange up to and including the
+    last body read, and leaving the block cancels any unfinished upload
+    before the connection is closed, so no outer timeout is needed.
+    """
     try:
-        async with asyncio.timeout(t + _BACKSTOP_S):
-            async with session.request(
-                request.method,
-                request.url,
-                data=request.body,
-                headers=request.headers,
-                allow_redirects=False,
-                timeout=timeout,
-            ) as resp:
-                head = await _read_head(resp, settings.max_response_bytes)
-                return _Response(resp.status, resp.headers.get("Retry-After"), head)
+        async with session.request(
+            request.method,
+            request.url,
+            data=request.body,
+            headers=request.headers,
+            allow_redirects=False,
+            timeout=settings.client_timeout,
+        ) as resp:
+            head = await _read_head(resp, settings.max_response_bytes)
+            return _Response(resp.status, resp.headers.get("Retry-After"), head)
     except AddressRefused as exc:
         raise PermanentFailure(
             "SSRF_BLOCKED", f"{request.origin}: {exc}", reached_service=False
         ) from None
     except TimeoutError:
-        raise RetryLater(f"{request.origin}: no answer within {t * 1000:.0f} ms") from None
+        raise RetryLater(
+            f"{request.origin}: no answer within {settings.timeout_s * 1000:.0f} ms"
+        ) from None
     except aiohttp.InvalidURL:
         raise PermanentFailure(
             "VALIDATION_ERROR", f"{request.origin}: invalid URL", reached_service=False
@@ -418,9 +534,12 @@ async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """
     head = bytearray()
     remaining = limit
+    content = resp.content
     try:
-        while remaining > 0:
-            chunk = await resp.content.read(min(_READ_CHUNK, remaining))
+        # at_eof() spares the read that would only return b"" after a body
+        # that arrived whole (and every read of an empty one).
+        while remaining > 0 and not content.at_eof():
+            chunk = await content.read(min(_READ_CHUNK, remaining))
             if not chunk:
                 break
             remaining -= len(chunk)
@@ -440,7 +559,7 @@ def _describe(exc: BaseException) -> str:
 def _judge(response: _Response, request: _Request) -> Delivered:
     """What was delivered on 2xx; raise the job's fate otherwise."""
     status = response.status
-    snippet = _snippet(response.head, request.sensitive)
+    snippet = _snippet(response.head, request.sensitive()) if response.head else ""
     if 200 <= status < 300:
         return Delivered(status, snippet)
     reason = f"HTTP {status} from {request.origin}"
