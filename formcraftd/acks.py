@@ -8,7 +8,8 @@ reads, and no extra task is spawned per message.
 Acks are batched. A delivery whose outcome is settled is not acked on its
 own: :class:`Acks` waits a few milliseconds for its neighbours and then sends
 one ``basic.ack`` with ``multiple`` set for the highest delivery tag below
-which every delivery is settled. What settles out of order behind a slow job
+which every delivery is settled (sooner when a quarter of the prefetch
+window is waiting). What settles out of order behind a slow job
 is acked on its own at the next flush but one, so a slow job never holds the
 rest of the prefetch window. The delay only postpones the ack: the outcome
 (the webhook sent, the retry or dead letter confirmed) is already done, and a
@@ -21,7 +22,6 @@ is not settled; both are kept below.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections import deque
@@ -33,7 +33,7 @@ from pamqp.commands import Basic
 
 log = logging.getLogger("formcraftd.consumer")
 
-FLUSH_DELAY_S = 0.005  # how long a settled delivery may wait for its neighbours
+FLUSH_DELAY_S = 0.01  # how long a settled delivery may wait for its neighbours
 
 _SENT = False  # the delivery's ack or nack is on the wire (or its channel is gone)
 _DUE = True  # settled, ack not sent yet
@@ -132,7 +132,9 @@ class Acks:
         self._window: _Window | None = None  # the current channel's (most deliveries)
         self._due = 0
         self._wanted = asyncio.Event()
-        self._urgent = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = (
+            None  # the flusher's wait, cut short by a full batch
+        )
 
     def set_batch(self, batch: int) -> None:
         self._batch = max(1, batch)
@@ -153,8 +155,8 @@ class Acks:
         window.due += 1
         self._due += 1
         self._wanted.set()
-        if self._due >= self._batch:
-            self._urgent.set()
+        if self._due >= self._batch and self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def nack(self, delivery: Delivery, *, requeue: bool = True) -> bool:
         """Settle `delivery` with a nack, now; False when its channel is gone.
@@ -174,12 +176,17 @@ class Acks:
 
     async def run(self) -> None:
         """Flush due acks a few milliseconds after the first of them, until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._wanted.wait()
             if self._due < self._batch:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(FLUSH_DELAY_S):
-                        await self._urgent.wait()
+                self._wake = wake = loop.create_future()
+                timer = loop.call_later(FLUSH_DELAY_S, _wake_up, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    self._wake = None
             else:
                 await asyncio.sleep(0)  # a full batch goes now, but the loop still yields
             await self.flush()
@@ -190,7 +197,6 @@ class Acks:
         With `everything`, stragglers are acked now instead of at the next flush.
         """
         self._wanted.clear()
-        self._urgent.clear()
         for channel, window in list(self._windows.items()):
             if channel.is_closed:
                 self._drop(channel, window)
@@ -239,3 +245,8 @@ class Acks:
             self._window = None
         if window.due:
             self._on_lost(window.due)
+
+
+def _wake_up(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
