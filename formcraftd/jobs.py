@@ -8,6 +8,7 @@ not validate raises :class:`JobInvalid` with a one-line reason.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, TypeVar
@@ -48,15 +49,31 @@ class WebhookPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     secret: Annotated[str, msgspec.Meta(max_length=4096)] = ""
 
     def __post_init__(self) -> None:
-        try:
-            parts = urlsplit(self.url)
-        except ValueError as exc:
-            raise ValueError(f"payload.url is not a URL: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("payload.url must be an absolute http(s) URL")
+        problem = _url_problem(self.url)
+        if problem is not None:
+            raise ValueError(problem)
         for name, value in self.headers.items():
             if not name or _FORBIDDEN_HEADER_CHARS.intersection(name + value) or ":" in name:
                 raise ValueError(f"payload.headers has an invalid header {name[:64]!r}")
+
+
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be a webhook target, or None (cached: a form's URL recurs)."""
+    # Long URLs are checked each time, so the cache stays small.
+    return _check_url(url) if len(url) > 1024 else _cached_check_url(url)
+
+
+def _check_url(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return f"payload.url is not a URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "payload.url must be an absolute http(s) URL"
+    return None
+
+
+_cached_check_url = functools.lru_cache(maxsize=4096)(_check_url)
 
 
 class WebhookJob(msgspec.Struct, frozen=True, tag="webhook.send", tag_field="type"):
