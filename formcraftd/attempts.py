@@ -97,23 +97,33 @@ def log_attempt(attempt: Attempt) -> None:
 def delivery_event(attempt: Attempt) -> DeliveryEvent:
     """The attempt as a delivery event for the app (never a secret)."""
     failure = attempt.failure
-    status: int | None = getattr(failure, "status", None)
-    snippet: str | None = getattr(failure, "snippet", None)
-    if attempt.delivered is not None:
-        status, snippet = attempt.delivered.status, attempt.delivered.snippet
+    delivered = attempt.delivered
+    if delivered is not None:
+        status, snippet = delivered.status, delivered.snippet
+    else:
+        status = getattr(failure, "status", None)
+        snippet = getattr(failure, "snippet", None)
+    job = attempt.job
+    if failure is None:  # most attempts succeed: no error to describe
+        error_code = error = None
+    else:
+        error_code = failure.code if isinstance(failure, PermanentFailure) else None
+        error = events.snippet(str(failure))
+    ctx = attempt.ctx
     return DeliveryEvent(
         kind=attempt.kind,
         outcome=EVENT_OUTCOMES[attempt.outcome],
-        job_id=attempt.ctx.job_id,
+        job_id=ctx.job_id,
         queue=attempt.queue,
-        form_id=attempt.form_id,
-        submission_id=attempt.submission_id,
-        attempt=attempt.ctx.attempt,
+        form_id=job.metadata.form_id if job is not None else None,
+        submission_id=job.metadata.submission_id if job is not None else None,
+        attempt=ctx.attempt,
         status_code=status,
         duration_ms=round(attempt.duration * 1000, 1),
-        error_code=failure.code if isinstance(failure, PermanentFailure) else None,
-        error=events.snippet(str(failure)) if failure is not None else None,
-        response_snippet=events.snippet(snippet),
+        error_code=error_code,
+        error=error,
+        # events.snippet makes None of None and of "" alike: no call for those.
+        response_snippet=events.snippet(snippet) if snippet else None,
         at=_event_time(),
     )
 

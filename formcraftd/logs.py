@@ -127,6 +127,10 @@ _MAYBE_SECRET = re.compile(
 _MAYBE_SECRET_LOWER = re.compile(_MAYBE_SECRET.pattern)
 
 
+# What every key of _SECRET_PAIR contains, lower-cased (a superset of its keys).
+_PAIR_WORDS_LOWER = re.compile(r"passw|secret|token|api[_-]?key|authorization")
+
+
 def _maybe_secret(text: str) -> bool:
     """Whether `text` contains one of the words every secret pattern needs."""
     if text.isascii():
@@ -135,13 +139,35 @@ def _maybe_secret(text: str) -> bool:
 
 
 def redact(text: str) -> str:
-    """`text` with URL passwords, ``whsec_`` keys, bearer tokens and secret pairs masked."""
-    if not _maybe_secret(text):
+    """`text` with URL passwords, ``whsec_`` keys, bearer tokens and secret pairs masked.
+
+    Each pattern runs only when its own words are in `text`: a substitution that
+    cannot match changes nothing, and _SECRET_PAIR is slow to find nothing
+    (``[\\w-]*`` tries every start in a run of word characters, such as a job
+    id), while most redacted text, a failure that names a URL, needs only
+    _URL_PASSWORD. What one substitution writes in (``***``, ``:***@``, a kept
+    scheme) brings no word of a later pattern that was not there before, so the
+    words are looked for once, in the text as given.
+    """
+    if not text.isascii():  # the case-insensitive patterns' further matches: run them all
+        if _MAYBE_SECRET.search(text) is None:
+            return text
+        text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+        text = _WHSEC.sub("whsec_***", text)
+        text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
+        return _SECRET_PAIR.sub(_mask_value, text)
+    lower = text.lower()
+    if _MAYBE_SECRET_LOWER.search(lower) is None:
         return text
-    text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
-    text = _WHSEC.sub("whsec_***", text)
-    text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
-    return _SECRET_PAIR.sub(_mask_value, text)
+    if "://" in lower:
+        text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    if "whsec_" in text:
+        text = _WHSEC.sub("whsec_***", text)
+    if "bearer" in lower or "basic" in lower:
+        text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
+    if _PAIR_WORDS_LOWER.search(lower) is not None:
+        text = _SECRET_PAIR.sub(_mask_value, text)
+    return text
 
 
 # --- timestamps -------------------------------------------------------------------
@@ -452,6 +478,26 @@ _STOCK_CALL_HANDLERS: Final = (
 )
 
 
+# Field values that take few distinct values (queue names come from the
+# configuration, outcomes and error codes are fixed sets), each mapped to what
+# redact() makes of it: looked up instead of searched, line after line. Emptied
+# when it grows past _CONSTANTS_MAX, so an unexpected caller cannot grow it.
+_CONSTANT_FIELDS: Final = frozenset({"queue", "outcome", "error_code"})
+_CONSTANTS_MAX: Final = 256
+_redacted_constants: dict[str, str] = {}
+
+
+def _redacted_constant(value: str) -> str:
+    """``redact(value)``, remembered for a value of one of :data:`_CONSTANT_FIELDS`."""
+    redacted = _redacted_constants.get(value)
+    if redacted is None:
+        redacted = redact(value)
+        if len(_redacted_constants) >= _CONSTANTS_MAX:
+            _redacted_constants.clear()
+        _redacted_constants[value] = redacted
+    return redacted
+
+
 def _only_json_handler(logger: logging.Logger, level: int) -> _StdoutHandler | None:
     """The JSON handler when it is all that would see `logger`'s records at `level`.
 
@@ -459,8 +505,11 @@ def _only_json_handler(logger: logging.Logger, level: int) -> _StdoutHandler | N
     handlers or filters of its own, propagating; ``formcraftd`` has only our
     handler, which takes `level` unfiltered and formats JSON; the root logger
     has no handlers; records are built by the stock LogRecord and handed out by
-    the stock Logger.callHandlers. Checked on every call, as tests and libraries
-    add handlers at any time (pytest's log capture on the root logger).
+    the stock Logger.callHandlers. Checked on every call: every one of these can
+    change at any time without formcraftd hearing of it (pytest's log capture
+    adds handlers to the root logger as each test starts; a library may add a
+    filter or call setLevel), so no stamp set by configure() could stand in
+    for them. The checks are attribute reads, the cheapest first.
     """
     handler = _handler
     if (
@@ -471,8 +520,7 @@ def _only_json_handler(logger: logging.Logger, level: int) -> _StdoutHandler | N
         or not logger.propagate
         or logger.parent is not _PACKAGE_LOGGER
         or type(logger) is not logging.Logger
-        or len(_PACKAGE_LOGGER.handlers) != 1
-        or _PACKAGE_LOGGER.handlers[0] is not handler
+        or _PACKAGE_LOGGER.handlers != [handler]
         or handler.filters
         or level < handler.level
         or type(handler.formatter) is not JsonFormatter
@@ -496,6 +544,11 @@ def write_direct(
     specially); the caller then makes that logging call. `message` is final:
     what ``LogRecord.getMessage()`` would return. Only the allowlisted
     :data:`FIELDS` of `fields` are written, as with ``extra=``.
+
+    Redaction is the formatter's, with less searching: a string of
+    :data:`_CONSTANT_FIELDS` is redacted once and remembered; any other string
+    field that is part of `message` (the job id, in the job line) has a secret
+    word only if `message` has one; the rest and `message` are searched at once.
     """
     if not logger.isEnabledFor(level):
         return True  # the logging call would write nothing either
@@ -510,27 +563,44 @@ def write_direct(
         "logger": logger.name,
         "msg": message,
     }
-    texts = [message]
+    texts: list[str] | None = None  # strings to search besides `message`
+    redact_all = False  # whether a string field was not looked up among the constants
     for name in FIELDS:
         value = fields.get(name)
-        if value is not None:
-            line[name] = value
-            if isinstance(value, str):
-                texts.append(value)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if name in _CONSTANT_FIELDS:
+                value = _redacted_constant(value)
+            else:
+                redact_all = True
+                # A secret word inside `value` lies inside `message` too.
+                if value not in message:
+                    if texts is None:
+                        texts = [message, value]
+                    else:
+                        texts.append(value)
+        line[name] = value
     # One search over every text instead of one per text: no word _maybe_secret
     # looks for spans a newline, so the joined text has one exactly when one of
-    # the texts has; then each is redacted as the formatter would.
-    if _maybe_secret("\n".join(texts)):
+    # the texts has; then each is redacted as the formatter would (the constants
+    # already are, and redacting twice may differ from redacting once).
+    if _maybe_secret(message if texts is None else "\n".join(texts)):
         line["msg"] = redact(message)
-        for name in FIELDS:
-            value = line.get(name)
-            if isinstance(value, str):
-                line[name] = redact(value)
+        if redact_all:
+            for name in FIELDS:
+                value = line.get(name)
+                if isinstance(value, str) and name not in _CONSTANT_FIELDS:
+                    line[name] = redact(value)
     try:
         text = orjson.dumps(line, default=str).decode()
     except Exception:  # e.g. an int beyond 64 bits: the logging call reports it as usual
         return False
-    handler.write_line(text, level)
+    # The handler's lock, as Handler.handle() takes it: without it a line added
+    # while another thread writes the buffer out could be appended to the list
+    # being written and then dropped with it.
+    with handler._lock:
+        handler._add(text, level)
     return True
 
 

@@ -422,3 +422,16 @@ def test_delivery_event_fields() -> None:
         "HTTP_STATUS",
         "HTTP 410 from example.com",
     )
+
+
+def test_remembered_constants_stay_few(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queue names are redacted once and remembered, but never more than a bounded number."""
+    quiet_root(monkeypatch)
+    for n in range(logs._CONSTANTS_MAX + 10):
+        assert logs.write_direct(attempts.log, logging.INFO, "x", {"queue": f"q{n}"})
+    assert 0 < len(logs._redacted_constants) <= logs._CONSTANTS_MAX
+    output = new_output(stream, lambda: log_attempt(ATTEMPTS["secret in the queue name"]))
+    assert "queuesecret" not in output
+    assert logs._redacted_constants["client_secret=queuesecret"] == "client_secret=***"
