@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import contextlib
 import datetime as dt
 import logging
 import os
 import struct
 import time
-from typing import Any, Literal
+from typing import Literal, cast
 
 import aio_pika
 import aiormq
@@ -107,11 +108,26 @@ def schema() -> dict[str, object]:
 
 
 _MESSAGE_ID_BYTES = 16  # random bytes per message id, sent as 32 hex digits
+_MESSAGE_ID_CHARS = 2 * _MESSAGE_ID_BYTES
 # A content header frame: type (1 byte), channel (2), size (4), class id (2), weight (2),
 # then the 8-byte body size, the property flags and the properties.
 _BODY_SIZE_AT = 11
 _BODY_SIZE = struct.Struct(">Q")
 _FRAME_SIZE = struct.Struct(">I")
+
+
+class _Template:
+    """The prebuilt bytes of one routing key's messages (see `_Wire`)."""
+
+    __slots__ = ("after_id", "before_id", "head", "pack")
+
+    def __init__(self, head: bytes, before_id: bytes, after_id: bytes) -> None:
+        self.head = head  # Basic.Publish and the content header up to the body size
+        self.before_id = before_id  # from the property flags to the message id
+        self.after_id = after_id  # the rest of the header, then the first body frame's start
+        # body size, the header's middle, the message id, its end and the body frame's size
+        # in one call: the one-frame body (nearly every event) costs one pack, not five parts
+        self.pack = struct.Struct(f">Q{len(before_id)}s{_MESSAGE_ID_CHARS}s{len(after_id)}sI").pack
 
 
 class _Wire:
@@ -121,8 +137,8 @@ class _Wire:
     queue wants is simply not kept), a content header (content type application/json,
     persistent, a random message id, type = the routing key) and the JSON body. Only the
     body, its size and the message id differ between two events of one routing key, so
-    pamqp marshals the rest once and each event costs a few byte joins, not a message
-    object, a properties object and three marshalled frames.
+    pamqp marshals the rest once and each event costs a struct pack and a few parts of
+    one join, not a message object, a properties object and three marshalled frames.
     """
 
     def __init__(self, exchange: str, channel_number: int, max_body_frame: int) -> None:
@@ -130,7 +146,7 @@ class _Wire:
         self.channel_number = channel_number
         self.max_body_frame = max_body_frame  # body bytes a frame holds (frame_max less 8)
         self._body_frame_start = struct.pack(">BH", FRAME_BODY, channel_number)
-        self._templates: dict[str, tuple[bytes, bytes, bytes]] = {}
+        self._templates: dict[str, _Template] = {}
 
     def fits(self, channel: aiormq.Channel) -> bool:
         """Whether these bytes suit `channel` (a reconnect may change its number or frame_max)."""
@@ -139,9 +155,9 @@ class _Wire:
             channel.max_content_size,
         )
 
-    def _template(self, key: str) -> tuple[bytes, bytes, bytes]:
-        """The bytes before the body size, between it and the message id, and after the id."""
-        placeholder = "-" * (2 * _MESSAGE_ID_BYTES)
+    def _template(self, key: str) -> _Template:
+        """Marshal the frames of routing key `key` around a placeholder id and body size."""
+        placeholder = "-" * _MESSAGE_ID_CHARS
         publish = Basic.Publish(exchange=self.exchange, routing_key=key, mandatory=False)
         properties = Basic.Properties(
             content_type="application/json",
@@ -153,7 +169,7 @@ class _Wire:
         before_id, _, after_id = header[_BODY_SIZE_AT + _BODY_SIZE.size :].partition(
             placeholder.encode()
         )
-        template = (
+        template = _Template(
             pamqp.frame.marshal(publish, self.channel_number) + header[:_BODY_SIZE_AT],
             before_id,
             after_id + self._body_frame_start,
@@ -164,26 +180,90 @@ class _Wire:
     def encode(self, batch: list[Event]) -> bytes:
         """The frames publishing every event of `batch`, in order, as one write."""
         message_ids = binascii.hexlify(os.urandom(_MESSAGE_ID_BYTES * len(batch)))
-        id_chars = 2 * _MESSAGE_ID_BYTES
+        # One encoder call for the batch: JSON lines, split apart again. A JSON text never
+        # holds a raw newline (msgspec escapes it inside strings), so the split is exact.
+        bodies = _encoder.encode_lines(batch).split(b"\n")
+        bodies.pop()  # the empty line after the last newline
+        templates = self._templates
+        max_body_frame = self.max_body_frame
         parts: list[bytes] = []
-        for i, event in enumerate(batch):
-            body = _encoder.encode(event)
+        start_id = 0
+        for event, body in zip(batch, bodies, strict=True):
             key = routing_key(event)
-            head, before_id, after_id = self._templates.get(key) or self._template(key)
+            template = templates.get(key) or self._template(key)
+            size = len(body)
+            message_id = message_ids[start_id : start_id + _MESSAGE_ID_CHARS]
+            start_id += _MESSAGE_ID_CHARS
+            first = body if size <= max_body_frame else body[:max_body_frame]
             parts += (
-                head,
-                _BODY_SIZE.pack(len(body)),
-                before_id,
-                message_ids[i * id_chars : (i + 1) * id_chars],
-                after_id,
+                template.head,
+                template.pack(size, template.before_id, message_id, template.after_id, len(first)),
+                first,
+                FRAME_END_CHAR,
             )
-            # `after_id` opened the first body frame; a body over frame_max takes several
-            for start in range(0, len(body), self.max_body_frame):
-                chunk = body[start : start + self.max_body_frame]
-                if start:
-                    parts.append(self._body_frame_start)
-                parts += (_FRAME_SIZE.pack(len(chunk)), chunk, FRAME_END_CHAR)
+            # `after_id` opened the first body frame; a body over frame_max takes more
+            for start in range(max_body_frame, size, max_body_frame):
+                chunk = body[start : start + max_body_frame]
+                parts += (
+                    self._body_frame_start,
+                    _FRAME_SIZE.pack(len(chunk)),
+                    chunk,
+                    FRAME_END_CHAR,
+                )
         return b"".join(parts)
+
+
+class _BatchConfirms:
+    """The broker's confirms of one batch, counted as aiormq resolves them.
+
+    aiormq keeps a confirmation per delivery tag in `channel.confirmations` and, on the
+    broker's Basic.Ack or Basic.Nack for a tag, pops it and calls its `done()`, then
+    `set_result(frame)` or `set_exception(DeliveryError)` (and `cancelled()` when it was
+    already done, to choose the level of its log line). This object stands for every tag
+    of a batch at once: it counts the acks and keeps the first nack, where a future per
+    event would cost an entry in aiormq's future store and its parent's, and four done
+    callbacks, each run on its own when the future resolves.
+
+    `future` comes from the channel's own future store, so aiormq fails it, as it would
+    fail a publish's confirmation, when the channel or its connection closes; it resolves
+    once every tag is confirmed. After `settle()` the count is final and any confirm
+    arriving later is ignored by aiormq, as one arriving for a cancelled future would be.
+    """
+
+    __slots__ = ("acked", "failure", "future", "pending", "settled")
+
+    def __init__(self, future: asyncio.Future[None], count: int) -> None:
+        self.future = future
+        self.pending = count
+        self.acked = 0
+        self.failure: BaseException | None = None  # the first nack's error
+        self.settled = False
+
+    def done(self) -> bool:
+        return self.settled or self.future.done()
+
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+    def set_result(self, _frame: object) -> None:
+        self.acked += 1
+        self._confirmed()
+
+    def set_exception(self, exception: BaseException) -> None:
+        self.failure = self.failure or exception
+        self._confirmed()
+
+    def _confirmed(self) -> None:
+        self.pending -= 1
+        if not self.pending and not self.future.done():
+            self.future.set_result(None)
+
+    def settle(self) -> int:
+        """Stop counting (a later confirm no longer counts); return the events acked."""
+        self.settled = True
+        if not self.future.done():
+            self.future.cancel()  # timed out: aiormq's store lets go of it
+        return self.acked
 
 
 class EventPublisher:
@@ -193,7 +273,11 @@ class EventPublisher:
         self._config = config
         self._broker = broker
         self._dropped = dropped
-        self._buffer: asyncio.Queue[Event] = asyncio.Queue(maxsize=BUFFER_SIZE)
+        # at most BUFFER_SIZE events wait; a deque, as `emit()` runs once per attempt and
+        # an asyncio.Queue would wake its getter (and count unfinished tasks) every time
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._wakeup: asyncio.Future[None] | None = None  # what `run()` awaits while parked
+        self._parked = True  # `run()` waits for an event (or has not started)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None  # the exchange is declared on it
         self._wire: _Wire | None = None
@@ -211,25 +295,38 @@ class EventPublisher:
         """Queue `event` for publishing; drop (and count) it when the buffer is full."""
         if not self._config.enabled:
             return
-        try:
-            self._buffer.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self._buffer) >= BUFFER_SIZE:
             self._dropped.inc()
             return
-        self._idle.clear()
+        self._buffer.append(event)
+        if self._parked:  # otherwise `run()` is busy and looks at the buffer once done
+            self._parked = False
+            self._idle.clear()
+            if self._wakeup is not None and not self._wakeup.done():
+                self._wakeup.set_result(None)
 
     async def run(self) -> None:
         """Publish until cancelled, in batches whose confirms are awaited together."""
         if not self._config.enabled:
             return
+        buffer = self._buffer
         try:
             while True:
-                batch = [await self._buffer.get()]
-                while len(batch) < BATCH_SIZE and not self._buffer.empty():
-                    batch.append(self._buffer.get_nowait())
-                await self._publish(batch)
-                if self._buffer.empty():
+                if not buffer:
+                    self._parked = True
                     self._idle.set()
+                    self._wakeup = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._wakeup
+                    finally:
+                        self._wakeup = None
+                self._parked = False
+                if len(buffer) <= BATCH_SIZE:
+                    batch = list(buffer)
+                    buffer.clear()
+                else:
+                    batch = [buffer.popleft() for _ in range(BATCH_SIZE)]
+                await self._publish(batch)
         finally:
             if self._connection is not None:
                 with contextlib.suppress(Exception):
@@ -246,24 +343,21 @@ class EventPublisher:
         An event counts as published only once the broker acked it: a nack, a channel
         or connection lost before the ack, or the batch timing out drops it.
         """
-        confirms: list[asyncio.Future[Any]] = []
+        confirms: _BatchConfirms | None = None
         error: BaseException | None = None
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 confirms = await self._send(await self._ensure_channel(), batch)
-                await asyncio.wait(confirms)  # raises none of their errors: counted below
+                # asyncio.wait, not await: the failure aiormq sets on a close may be any
+                # exception, CancelledError included, and must not end this task
+                await asyncio.wait((confirms.future,))
         except Exception as exc:  # a timeout, no connection, or no usable exchange
             error = exc
         published = 0
-        for confirm in confirms:
-            if not confirm.done():
-                confirm.cancel()  # timed out: an ack arriving later no longer counts
-            elif confirm.cancelled():
-                continue
-            elif (failure := confirm.exception()) is None:
-                published += 1
-            else:
-                error = error or failure
+        if confirms is not None:
+            published = confirms.settle()
+            if not confirms.future.cancelled():
+                error = error or confirms.future.exception() or confirms.failure
         self.published += published
         if failures := len(batch) - published:
             self._dropped.inc(failures)
@@ -271,15 +365,15 @@ class EventPublisher:
             if self._channel is not None and self._channel.is_closed:
                 await self._forget_channel()  # open one and re-declare next time
 
-    async def _send(self, channel: aiormq.Channel, batch: list[Event]) -> list[asyncio.Future[Any]]:
-        """Write `batch` to `channel` at once; return the futures of the broker's confirms.
+    async def _send(self, channel: aiormq.Channel, batch: list[Event]) -> _BatchConfirms:
+        """Write `batch` to `channel` at once; return what counts the broker's confirms.
 
         This is aiormq's `basic_publish` for many messages: under the channel lock, the
-        messages take the next delivery tags, a confirm future each goes into
-        `channel.confirmations` (aiormq resolves it on the broker's Basic.Ack or Nack,
-        and fails it when the channel or connection closes) and the frames go to the
-        connection's writer in one piece. One publish per event would cost a task, three
-        marshalled frames and a socket write each.
+        messages take the next delivery tags, each tag goes into `channel.confirmations`
+        (aiormq hands it the broker's Basic.Ack or Nack) with the batch's one confirms
+        object, whose future aiormq fails when the channel or connection closes, and the
+        frames go to the connection's writer in one piece. One publish per event would
+        cost a task, three marshalled frames and a socket write each.
         """
         wire = self._wire
         if wire is None or not wire.fits(channel):
@@ -290,17 +384,18 @@ class EventPublisher:
         async with channel.lock:
             first = channel.delivery_tag + 1
             tags = range(first, first + len(batch))
-            confirms = [channel.create_future() for _ in tags]
-            channel.confirmations.update(zip(tags, confirms, strict=True))
+            confirms = _BatchConfirms(channel.create_future(), len(batch))
+            # aiormq types its confirmations as futures; it uses only the methods above
+            channel.confirmations.update(dict.fromkeys(tags, cast(asyncio.Future[None], confirms)))
             channel.delivery_tag = tags[-1]
             try:
                 await channel.write_queue.put(payload)
             except BaseException:
                 # never sent: the broker will not confirm these tags, the next publish reuses them
                 channel.delivery_tag = first - 1
-                for tag, confirm in zip(tags, confirms, strict=True):
+                for tag in tags:
                     channel.confirmations.pop(tag, None)
-                    confirm.cancel()
+                confirms.settle()
                 raise
         return confirms
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import subprocess
@@ -26,6 +27,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 from prometheus_client import CollectorRegistry, Counter
 
+from formcraftd import events as events_module
 from formcraftd.config import BrokerConfig, Config, EventsConfig
 from formcraftd.events import (
     DeliveryEvent,
@@ -635,3 +637,133 @@ def test_the_frames_are_what_pamqp_marshals() -> None:
         ]
         expected += b"".join(pamqp.frame.marshal(frame, 5) for frame in frames)
     assert payload == expected
+
+
+def confirming_channel() -> SimpleNamespace:
+    """A stand-in for an aiormq channel whose confirms come from aiormq's own code.
+
+    Its futures come from an aiormq future store (which `reject_all` fails, as a closing
+    channel's does), and Basic.Ack and Nack frames go through aiormq's
+    `Channel._on_confirm_frame` and `_confirm_delivery`.
+    """
+    loop = asyncio.get_running_loop()
+    store = aiormq.base.FutureStore(loop)
+    channel = SimpleNamespace(
+        number=1,
+        max_content_size=131_064,
+        lock=asyncio.Lock(),
+        delivery_tag=0,
+        confirmations={},
+        publisher_confirms=True,
+        loop=loop,
+        store=store,
+        create_future=store.create_future,
+        write_queue=asyncio.Queue(),
+    )
+    channel._confirm_delivery = functools.partial(
+        aiormq.Channel._confirm_delivery,
+        channel,  # type: ignore[arg-type]
+    )
+    return channel
+
+
+async def confirm(channel: SimpleNamespace, frame: Basic.Ack | Basic.Nack) -> None:
+    await aiormq.Channel._on_confirm_frame(channel, frame)  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # aiormq resolves a multiple confirm's tags in callbacks
+
+
+async def start_publish(
+    channel: SimpleNamespace, count: int
+) -> tuple[Publishing, asyncio.Task[None]]:
+    """A batch of `count` events being published on `channel`, written and awaiting confirms."""
+    running = Publishing(Names(), AMQP_URL)
+
+    async def ensure_channel() -> SimpleNamespace:
+        return channel
+
+    running.publisher._ensure_channel = ensure_channel  # type: ignore[assignment,method-assign]
+    task = asyncio.create_task(running.publisher._publish([delivery(n) for n in range(count)]))
+    await asyncio.sleep(0.01)
+    assert channel.write_queue.qsize() == 1 and len(channel.confirmations) == count
+    return running, task
+
+
+@pytest.mark.parametrize(
+    "failure", [ConnectionResetError("lost"), asyncio.CancelledError], ids=["error", "cancelled"]
+)
+async def test_a_closed_channel_drops_the_unconfirmed_rest_of_a_batch(
+    failure: BaseException | type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Acks count, a nack drops its event, and when aiormq fails the channel's futures
+    (whatever the reason, CancelledError included) the unconfirmed rest is dropped; an ack
+    arriving after that no longer counts."""
+    channel = confirming_channel()
+    running, task = await start_publish(channel, 5)
+    await confirm(channel, Basic.Ack(delivery_tag=2, multiple=True))
+    await confirm(channel, Basic.Nack(delivery_tag=3))
+    assert not task.done()
+    await channel.store.reject_all(failure)
+    await task
+    assert (running.publisher.published, running.dropped()) == (2, 3)
+    await confirm(channel, Basic.Ack(delivery_tag=5, multiple=True))
+    assert (running.publisher.published, running.dropped()) == (2, 3)
+    assert channel.confirmations == {} and channel.store.futures == set()
+    [warning] = [r for r in caplog.records if r.name == "formcraftd.events"]
+    assert warning.getMessage().startswith("dropped 3 delivery events")
+
+
+async def test_a_batch_confirmed_out_of_order_counts_every_ack_once() -> None:
+    """Single and multiple confirms in any order: the batch ends with the last of them."""
+    channel = confirming_channel()
+    running, task = await start_publish(channel, 4)
+    await confirm(channel, Basic.Ack(delivery_tag=3))
+    await confirm(channel, Basic.Nack(delivery_tag=1))
+    await confirm(channel, Basic.Ack(delivery_tag=2))
+    assert not task.done()
+    await confirm(channel, Basic.Ack(delivery_tag=4, multiple=True))
+    await task
+    assert (running.publisher.published, running.dropped()) == (3, 1)
+    assert channel.confirmations == {} and channel.store.futures == set()
+
+
+async def test_a_batch_that_times_out_drops_the_unconfirmed_and_ignores_late_acks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the broker has not confirmed when the batch times out is dropped for good."""
+    monkeypatch.setattr(events_module, "PUBLISH_TIMEOUT_S", 0.2)
+    channel = confirming_channel()
+    running, task = await start_publish(channel, 3)
+    await confirm(channel, Basic.Ack(delivery_tag=1))
+    await task
+    assert (running.publisher.published, running.dropped()) == (1, 2)
+    assert channel.store.futures == set()  # the store let go of the batch
+    await confirm(channel, Basic.Ack(delivery_tag=3, multiple=True))
+    assert (running.publisher.published, running.dropped()) == (1, 2)
+    assert channel.confirmations == {}
+
+
+async def test_emit_drops_and_counts_past_the_buffer_size(names: Names) -> None:
+    """The buffer holds BUFFER_SIZE events; more are dropped and counted, not queued."""
+    running = Publishing(names, AMQP_URL)
+    for n in range(events_module.BUFFER_SIZE + 3):
+        running.publisher.emit(delivery(n))
+    assert running.dropped() == 3
+    assert len(running.publisher._buffer) == events_module.BUFFER_SIZE
+
+
+async def test_events_emitted_before_the_publisher_runs_are_waited_for(names: Names) -> None:
+    """`drained()` does not return while an event waits for the publisher to start."""
+    running = Publishing(names, AMQP_URL)
+    running.publisher.emit(delivery(1))
+    drained = asyncio.create_task(running.publisher.drained())
+    await asyncio.sleep(0.05)
+    assert not drained.done()
+    task = asyncio.create_task(running.publisher.run())
+    try:
+        async with asyncio.timeout(30):
+            await drained
+        assert (running.publisher.published, running.dropped()) == (1, 0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
