@@ -119,22 +119,34 @@ def step(
 
 def throughput(run: Run, args: argparse.Namespace) -> None:
     argv = ["--jobs", str(args.jobs), "--rounds", str(args.rounds), "--concurrency", "64"]
-    found = step(run, "Webhook throughput", "webhook_throughput.py", argv, timeout=900)
+    argv += ["--only", "formcraftd-noevents,formcraftd,bare,celery"]
+    found = step(run, "Webhook throughput", "webhook_throughput.py", argv, timeout=1200)
     if found is None:
         return
     _, data = found
     run.data["throughput"] = data
     medians, cpu, rates = data["medians"], data["cpu_medians"], data["rates"]
     fc, bare, celery = medians["formcraftd"], medians["bare aio-pika"], medians["celery"]
+    shipped = medians["formcraftd, no events"]
     jobs = f"{data['jobs']:,} queued jobs, concurrency 64, {_rounds(data['rounds'])}"
-    ratio = fc / bare
     run.rows += [
         Row(
             "Webhook throughput",
-            f"formcraftd, every feature on; {jobs}",
-            f"**{fc:,.0f} jobs/s = {ratio:.2f}x bare** ({cpu['formcraftd']:.0f} µs CPU/job)",
+            "formcraftd, every feature on but the optional delivery events (off as shipped): "
+            "validation, signing, SSRF guard, breakers, metrics, settled memory, "
+            f"a JSON job line at info, monitoring; {jobs}",
+            f"**{shipped:,.0f} jobs/s = {shipped / bare:.2f}x bare** "
+            f"({cpu['formcraftd, no events']:.0f} µs CPU/job)",
             ">= 0.9x bare (goal >= 1.0x)",
-            _met(ratio >= 0.9),
+            _met(shipped / bare >= 0.9),
+        ),
+        Row(
+            "",
+            "formcraftd with delivery events on as well (a second message per job "
+            "through the same broker and cores)",
+            f"**{fc:,.0f} jobs/s = {fc / bare:.2f}x bare** ({cpu['formcraftd']:.0f} µs CPU/job)",
+            ">= 0.9x bare",
+            _met(fc / bare >= 0.9),
         ),
         Row(
             "",
@@ -145,9 +157,9 @@ def throughput(run: Run, args: argparse.Namespace) -> None:
             "",
             "Celery, threads pool x 64, a `requests` POST task",
             f"{celery:,.0f} jobs/s ({cpu['celery']:.0f} µs CPU/job); "
-            f"**formcraftd {fc / celery:.1f}x faster**",
+            f"**formcraftd {shipped / celery:.1f}x faster** ({fc / celery:.1f}x with events)",
             "formcraftd >= 4x",
-            _met(fc / celery >= 4),
+            _met(shipped / celery >= 4),
         ),
     ]
     run.details.append(
