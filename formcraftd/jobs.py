@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -217,12 +218,35 @@ class JobContext:
     slot: contextlib.AbstractAsyncContextManager[None] = _NO_SLOT
 
 
-@dataclass(frozen=True, slots=True)
 class Delivered:
-    """What a handler may report about a successful delivery (for delivery events)."""
+    """What a handler may report about a successful delivery (for delivery events).
 
-    status: int | None = None
-    snippet: str | None = None
+    The snippet may be given as text or as a function that makes it: that runs
+    once, and only if something reads `snippet` (a delivery event); most
+    successes are never described, and masking a response costs a little.
+    """
+
+    __slots__ = ("_describe", "_snippet", "status")
+
+    def __init__(
+        self,
+        status: int | None = None,
+        snippet: str | None = None,
+        *,
+        describe: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.status = status
+        self._snippet = snippet
+        self._describe = describe
+
+    @property
+    def snippet(self) -> str | None:
+        if self._describe is not None:
+            self._snippet, self._describe = self._describe(), None
+        return self._snippet
+
+    def __repr__(self) -> str:
+        return f"Delivered(status={self.status!r})"
 
 
 class Handler(Protocol[J]):

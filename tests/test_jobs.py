@@ -416,3 +416,19 @@ def test_schema_uses_the_wire_names() -> None:
     defs = jobs.schema()["$defs"]
     assert "formId" in defs["Metadata"]["properties"]
     assert "spreadsheetId" in defs["SheetsPayload"]["properties"]
+
+
+def test_a_delivered_snippet_is_made_once_and_only_when_read() -> None:
+    calls: list[int] = []
+
+    def describe() -> str:
+        calls.append(1)
+        return "ok"
+
+    delivered = jobs.Delivered(200, describe=describe)
+    assert calls == []  # nothing read it yet
+    assert delivered.snippet == "ok"
+    assert delivered.snippet == "ok"
+    assert calls == [1]
+    assert jobs.Delivered(204, "given").snippet == "given"
+    assert "ok" not in repr(delivered)

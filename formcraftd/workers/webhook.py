@@ -559,9 +559,13 @@ def _describe(exc: BaseException) -> str:
 def _judge(response: _Response, request: _Request) -> Delivered:
     """What was delivered on 2xx; raise the job's fate otherwise."""
     status = response.status
-    snippet = _snippet(response.head, request.sensitive()) if response.head else ""
+    head = response.head
     if 200 <= status < 300:
-        return Delivered(status, snippet)
+        # Described only if a delivery event asks: most successes never are.
+        return Delivered(
+            status, describe=lambda: _snippet(head, request.sensitive()) if head else ""
+        )
+    snippet = _snippet(head, request.sensitive()) if head else ""
     reason = f"HTTP {status} from {request.origin}"
     if 300 <= status < 400:
         reason += " (redirects are not followed)"
