@@ -354,3 +354,32 @@ async def test_broker_connection_loss_turns_health_503_and_back(
     await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url))
     await receiver.wait_for(1)
     assert "formcraftd_reconnects_total 1.0" in daemon.render_metrics().decode()
+
+
+async def test_a_consumer_cancelled_by_the_broker_subscribes_again(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """The main queue deleted under the daemon: it is declared again and consumed again."""
+    receiver = await receiver_factory(status(200))
+    cfg = make_config(names)
+    daemon = await start_daemon(cfg)
+    queue = cfg.workers.webhook.queue
+    channel = await amqp.connection.channel()
+    try:
+        await channel.queue_delete(queue)  # the broker sends basic.cancel to our consumer
+    finally:
+        await channel.close()
+    consumer = daemon.consumers[queue]
+    for _ in range(100):
+        if not consumer.consuming:
+            break
+        await asyncio.sleep(0.05)
+    assert not consumer.consuming  # /healthz says so while it is not consuming
+    for _ in range(300):
+        if consumer.consuming:
+            break
+        await asyncio.sleep(0.05)
+    assert consumer.consuming
+    await amqp.publish(queue, webhook_job(receiver.url))
+    await receiver.wait_for(1)
+    await _until(lambda: amqp.depth(queue), 0)
