@@ -13,7 +13,8 @@ In order, each in its own process so that one failure does not stop the rest:
 The combined table is printed at the end and written, with the machine and
 the per-round figures, to bench/results/latest.md.
 
-    python bench/run.py [--quick] [--only throughput,latency,memory,startup,email,sheets]
+    python bench/run.py [--quick] [--rounds N]
+        [--only throughput,latency,memory,startup,email,sheets]
 """
 
 from __future__ import annotations
@@ -450,6 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--only", default=",".join(STEPS), help=f"among {','.join(STEPS)}")
     parser.add_argument("--quick", action="store_true", help="small sizes, to try the suite")
+    parser.add_argument(
+        "--rounds", type=int, help="throughput and latency rounds (default 3; 1 with --quick)"
+    )
     args = parser.parse_args(argv)
     args.steps = args.only.split(",")
     for name in args.steps:
@@ -457,9 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--only: unknown step {name!r}")
     quick = args.quick
     args.jobs = 2000 if quick else 10_000
-    args.rounds = 1 if quick else 3
+    args.rounds = args.rounds or (1 if quick else 3)
     args.latency_seconds = 3 if quick else 8
-    args.latency_rounds = 1 if quick else 3
+    args.latency_rounds = args.rounds
     args.memory_jobs = 10_000 if quick else 100_000
     args.startup_runs = 2 if quick else 5
     args.email_n = 50 if quick else 300
