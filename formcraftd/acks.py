@@ -132,6 +132,7 @@ class Acks:
         self._window: _Window | None = None  # the current channel's (most deliveries)
         self._due = 0
         self._wanted = asyncio.Event()
+        self._sending = asyncio.Lock()  # held while frames are queued, see nack()
         self._wake: asyncio.Future[None] | None = (
             None  # the flusher's wait, cut short by a full batch
         )
@@ -161,17 +162,20 @@ class Acks:
     async def nack(self, delivery: Delivery, *, requeue: bool = True) -> bool:
         """Settle `delivery` with a nack, now; False when its channel is gone.
 
-        Marking the tag settled and queueing the nack frame happen in one step
-        (nothing is awaited in between), so a later multiple ack, queued after
-        it on the same channel, reaches the broker after the nack.
+        The tag counts as settled only once its nack frame is queued, and frames
+        are queued under the lock flushes hold too: the connection's frame queue is
+        bounded, so a put can wait, and a multiple ack that overtook the nack would
+        ack the delivery instead of returning it to the queue.
         """
         window = self._window_of(delivery.channel)
-        window.state[delivery.tag] = _SENT
-        try:
-            await delivery.channel.basic_nack(delivery.tag, requeue=requeue, wait=False)
-        except Exception as exc:
-            log.debug("nack of delivery %d failed: %s", delivery.tag, exc)
-            return False
+        async with self._sending:
+            try:
+                await delivery.channel.basic_nack(delivery.tag, requeue=requeue, wait=False)
+            except Exception as exc:
+                log.debug("nack of delivery %d failed: %s", delivery.tag, exc)
+                return False
+            finally:
+                window.state[delivery.tag] = _SENT
         return True
 
     async def run(self) -> None:
@@ -196,6 +200,10 @@ class Acks:
 
         With `everything`, stragglers are acked now instead of at the next flush.
         """
+        async with self._sending:  # one flush or nack at a time: frames keep their order
+            await self._flush(everything=everything)
+
+    async def _flush(self, *, everything: bool) -> None:
         self._wanted.clear()
         for channel, window in list(self._windows.items()):
             if channel.is_closed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -238,7 +239,7 @@ class Consumer:
 
     async def _resubscribe(self) -> None:
         """Declare the queue again and consume, with growing pauses, until it works or we stop."""
-        for attempt in range(1_000_000):
+        for attempt in itertools.count():
             delay = RESUBSCRIBE_DELAYS_S[min(attempt, len(RESUBSCRIBE_DELAYS_S) - 1)]
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):

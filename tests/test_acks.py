@@ -48,12 +48,21 @@ def delivered(channel: Any, tag: int) -> Delivery:
 
 
 def acked_tags(sent: list[tuple[str, int, bool]], upto_all: int) -> set[int]:
-    """Which of tags 1..upto_all the recorded frames ack, as the broker would read them."""
+    """Which of tags 1..upto_all the recorded frames ack, read as the broker reads them.
+
+    A multiple ack settles only what is still outstanding up to its tag, and its
+    tag, like a single ack's or a nack's, must itself be outstanding: otherwise
+    the broker closes the channel (PRECONDITION_FAILED, unknown delivery tag).
+    """
+    outstanding = set(range(1, upto_all + 1))
     acked: set[int] = set()
     for verb, tag, multiple in sent:
+        assert tag in outstanding, f"unknown delivery tag {tag}"
+        settled = {t for t in outstanding if t <= tag} if multiple else {tag}
+        outstanding -= settled
         if verb == "ack":
-            acked |= set(range(1, tag + 1)) if multiple else {tag}
-    return acked & set(range(1, upto_all + 1))
+            acked |= settled
+    return acked
 
 
 def test_a_delivery_carries_what_the_consumer_reads() -> None:
@@ -144,6 +153,42 @@ async def test_a_nack_goes_out_at_once_and_before_a_later_multiple_ack() -> None
     acks.ack(deliveries[3])
     await acks.flush()
     assert channel.sent == [("nack", 2, False), ("ack", 4, True)]
+
+
+async def test_a_nack_waiting_for_the_frame_queue_is_not_overtaken_by_a_multiple_ack() -> None:
+    """The connection's frame queue is bounded: a nack may wait to be queued.
+
+    A flush meanwhile must neither ack past the nacked delivery nor queue its
+    multiple ack first, or the broker would take the nacked job as acked.
+    """
+    channel = RecordingChannel()
+    gate = asyncio.Event()
+    real_nack = channel.basic_nack
+
+    async def slow_nack(tag: int, multiple: bool = False, requeue: bool = True, wait: bool = True):
+        await gate.wait()  # as a put into a full frame queue would
+        await real_nack(tag, multiple, requeue, wait)
+
+    channel.basic_nack = slow_nack  # type: ignore[method-assign]
+    acks = Acks(batch=100, on_lost=lambda n: None)
+    deliveries = [delivered(channel, tag) for tag in range(1, 5)]
+    for d in deliveries:
+        acks.track(d)
+    acks.ack(deliveries[0])
+    nacking = asyncio.create_task(acks.nack(deliveries[1]))
+    await asyncio.sleep(0)
+    acks.ack(deliveries[2])
+    acks.ack(deliveries[3])
+    flushing = asyncio.create_task(acks.flush(everything=True))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert channel.sent == []  # the flush waits for the nack
+    gate.set()
+    assert await nacking
+    await flushing
+    await acks.flush(everything=True)
+    assert channel.sent[0] == ("nack", 2, False)
+    assert acked_tags(channel.sent, 4) == {1, 3, 4}
 
 
 async def test_acks_due_on_a_closed_channel_are_reported_lost() -> None:
