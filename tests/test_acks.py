@@ -65,6 +65,16 @@ def acked_tags(sent: list[tuple[str, int, bool]], upto_all: int) -> set[int]:
     return acked
 
 
+def tracked(count: int) -> tuple[RecordingChannel, Acks, list[Delivery]]:
+    """A channel with deliveries 1..count, each tracked by a fresh Acks (no early flush)."""
+    channel = RecordingChannel()
+    acks = Acks(batch=100, on_lost=lambda n: None)
+    deliveries = [delivered(channel, tag) for tag in range(1, count + 1)]
+    for d in deliveries:
+        acks.track(d)
+    return channel, acks, deliveries
+
+
 def test_a_delivery_carries_what_the_consumer_reads() -> None:
     channel = RecordingChannel()
     message = Delivery(
@@ -89,11 +99,7 @@ def test_a_delivery_carries_what_the_consumer_reads() -> None:
 
 
 async def test_in_order_settles_go_out_as_one_multiple_ack() -> None:
-    channel = RecordingChannel()
-    acks = Acks(batch=100, on_lost=lambda n: None)
-    deliveries = [delivered(channel, tag) for tag in range(1, 11)]
-    for d in deliveries:
-        acks.track(d)
+    channel, acks, deliveries = tracked(10)
     for d in deliveries:
         acks.ack(d)
     assert channel.sent == []  # nothing is sent before a flush
@@ -104,11 +110,7 @@ async def test_in_order_settles_go_out_as_one_multiple_ack() -> None:
 
 async def test_a_multiple_ack_never_covers_an_unsettled_delivery() -> None:
     """Tag 3 is still running: 1-2 go in one ack, 4-6 wait, then go one by one."""
-    channel = RecordingChannel()
-    acks = Acks(batch=100, on_lost=lambda n: None)
-    deliveries = [delivered(channel, tag) for tag in range(1, 7)]
-    for d in deliveries:
-        acks.track(d)
+    channel, acks, deliveries = tracked(6)
     for d in deliveries:
         if d.tag != 3:
             acks.ack(d)
@@ -127,11 +129,7 @@ async def test_a_multiple_ack_never_covers_an_unsettled_delivery() -> None:
 
 
 async def test_a_straggler_that_catches_up_needs_no_ack_of_its_own() -> None:
-    channel = RecordingChannel()
-    acks = Acks(batch=100, on_lost=lambda n: None)
-    deliveries = [delivered(channel, tag) for tag in range(1, 5)]
-    for d in deliveries:
-        acks.track(d)
+    channel, acks, deliveries = tracked(4)
     for d in (deliveries[1], deliveries[2], deliveries[3]):
         acks.ack(d)
     await acks.flush()
@@ -142,11 +140,7 @@ async def test_a_straggler_that_catches_up_needs_no_ack_of_its_own() -> None:
 
 
 async def test_a_nack_goes_out_at_once_and_before_a_later_multiple_ack() -> None:
-    channel = RecordingChannel()
-    acks = Acks(batch=100, on_lost=lambda n: None)
-    deliveries = [delivered(channel, tag) for tag in range(1, 5)]
-    for d in deliveries:
-        acks.track(d)
+    channel, acks, deliveries = tracked(4)
     acks.ack(deliveries[0])
     assert await acks.nack(deliveries[1])
     acks.ack(deliveries[2])
@@ -161,7 +155,7 @@ async def test_a_nack_waiting_for_the_frame_queue_is_not_overtaken_by_a_multiple
     A flush meanwhile must neither ack past the nacked delivery nor queue its
     multiple ack first, or the broker would take the nacked job as acked.
     """
-    channel = RecordingChannel()
+    channel, acks, deliveries = tracked(4)
     gate = asyncio.Event()
     real_nack = channel.basic_nack
 
@@ -170,10 +164,6 @@ async def test_a_nack_waiting_for_the_frame_queue_is_not_overtaken_by_a_multiple
         await real_nack(tag, multiple, requeue, wait)
 
     channel.basic_nack = slow_nack  # type: ignore[method-assign]
-    acks = Acks(batch=100, on_lost=lambda n: None)
-    deliveries = [delivered(channel, tag) for tag in range(1, 5)]
-    for d in deliveries:
-        acks.track(d)
     acks.ack(deliveries[0])
     nacking = asyncio.create_task(acks.nack(deliveries[1]))
     await asyncio.sleep(0)
