@@ -1,12 +1,12 @@
 """Deliveries as the consumer takes them off the channel, and their acks, sent in batches.
 
 The consumer subscribes on the AMQP channel itself (aiormq) rather than
-through aio-pika's queue iterator: a :class:`Delivery` is a thin view of the
-frame that arrived, built without parsing properties the consumer never
-reads, and no extra task is spawned per message.
+through aio-pika's `Queue.consume`: a :class:`Delivery` is a thin view of the
+frame that arrived, built without copying properties the consumer never
+reads, and aio-pika's extra task per message is not spawned.
 
 Acks are batched. A delivery whose outcome is settled is not acked on its
-own: :class:`Acks` waits a few milliseconds for its neighbours and then sends
+own: :class:`Acks` waits up to 10 ms for its neighbours and then sends
 one ``basic.ack`` with ``multiple`` set for the highest delivery tag below
 which every delivery is settled (sooner when a quarter of the prefetch
 window is waiting). What settles out of order behind a slow job
@@ -122,7 +122,7 @@ class Acks:
 
     `track` each delivery when it arrives, then settle it exactly once with
     `ack` (batched) or `nack` (sent at once). `run` is the background flusher;
-    `close` sends whatever is still due.
+    `flush(everything=True)` sends whatever is still due, before the channel closes.
     """
 
     def __init__(self, *, batch: int, on_lost: Callable[[int], None]) -> None:
@@ -133,9 +133,8 @@ class Acks:
         self._due = 0
         self._wanted = asyncio.Event()
         self._sending = asyncio.Lock()  # held while frames are queued, see nack()
-        self._wake: asyncio.Future[None] | None = (
-            None  # the flusher's wait, cut short by a full batch
-        )
+        # the flusher's wait, cut short by a full batch
+        self._wake: asyncio.Future[None] | None = None
 
     def set_batch(self, batch: int) -> None:
         self._batch = max(1, batch)
