@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import aiormq
 import orjson
 import uvloop
@@ -44,10 +40,10 @@ from webhook_throughput import (
     Stage,
     bare_command,
     bare_round,
-    clean_env,
     formcraftd_round,
     job_body,
     rotations,
+    run_and_report,
     scrape_metrics,
     start_formcraftd,
     start_process,
@@ -98,20 +94,8 @@ def serve(port: int) -> None:
 class TimingReceiver(CountingReceiver):
     """The `--serve` receiver in its own process."""
 
-    async def __aenter__(self) -> TimingReceiver:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(self.port)], env=clean_env()
-        )
-        self._session = aiohttp.ClientSession()
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                await self.count()
-                return self
-            except aiohttp.ClientError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise
-                await asyncio.sleep(0.05)
+    def command(self) -> list[str]:
+        return [sys.executable, __file__, "--serve", str(self.port)]
 
     async def samples(self) -> list[tuple[float, float]]:
         assert self._session is not None
@@ -273,11 +257,7 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
         serve(int(sys.argv[2]))
         return
-    args = parse_args()
-    result = uvloop.run(run(args))
-    report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    run_and_report(parse_args(), run, report)
 
 
 if __name__ == "__main__":

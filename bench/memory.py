@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-import uvloop
 from webhook_throughput import (
     EVENTS_DROPPED,
     RECONNECTS,
@@ -28,6 +26,7 @@ from webhook_throughput import (
     Receiver,
     Stage,
     publish_jobs,
+    run_and_report,
     scrape_metrics,
     start_process,
     stop_process,
@@ -134,11 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    result = uvloop.run(run(args))
-    report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    run_and_report(parse_args(), run, report)
 
 
 if __name__ == "__main__":

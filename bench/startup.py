@@ -15,7 +15,6 @@ topology there too). For scale, the same is timed for a bare interpreter
 from __future__ import annotations
 
 import argparse
-import json
 import select
 import socket
 import statistics
@@ -26,8 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import uvloop
-from webhook_throughput import SLOW_STOPS, Stage, clean_env, stop_process
+from webhook_throughput import SLOW_STOPS, Stage, clean_env, run_and_report, stop_process
 
 IMPORTS = "import formcraftd.cli, formcraftd.daemon, formcraftd.workers.webhook"
 
@@ -106,11 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    result = uvloop.run(run(args))
-    report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    run_and_report(parse_args(), run, report)
 
 
 if __name__ == "__main__":

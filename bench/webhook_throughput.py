@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 import aiohttp
@@ -324,10 +324,12 @@ class Receiver:
         self.process: subprocess.Popen[bytes] | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Receiver:
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "receiver.py"), str(self.port)], env=clean_env()
-        )
+    def command(self) -> list[str]:
+        """The receiver process to start (a subclass may serve something else)."""
+        return [sys.executable, str(HERE / "receiver.py"), str(self.port)]
+
+    async def __aenter__(self) -> Self:
+        self.process = subprocess.Popen(self.command(), env=clean_env())
         self._session = aiohttp.ClientSession()
         deadline = time.monotonic() + 20
         while True:
@@ -673,12 +675,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def run_and_report(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    report: Callable[[dict[str, Any]], None],
+) -> None:
+    """Run a benchmark, print its report and, with `--json FILE`, write the result there."""
     result = uvloop.run(run(args))
     report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    run_and_report(parse_args(), run, report)
 
 
 if __name__ == "__main__":
