@@ -7,13 +7,12 @@ to one line everywhere.
 Both the log line and the delivery event are written for every attempt of every
 job, so both take shortcuts that change nothing in what they say: the line goes
 through :func:`formcraftd.logs.write_direct` when it can, and the event's time
-comes from a per-second cache.
+comes from the per-second cache of :func:`formcraftd.events.now`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -124,19 +123,8 @@ def delivery_event(attempt: Attempt) -> DeliveryEvent:
         error=error,
         # events.snippet makes None of None and of "" alike: no call for those.
         response_snippet=events.snippet(snippet) if snippet else None,
-        at=_event_time(),
+        at=events.now(),
     )
-
-
-def _event_time() -> str:
-    """Now as :func:`formcraftd.events.now` writes it (``2024-05-01T12:00:00.123+00:00``).
-
-    The date and time of day come from a per-second cache instead of a datetime
-    built and formatted per event.
-    """
-    now = time.time()
-    second = int(now)
-    return logs.utc_timestamp(second, int((now - second) * 1000), "+00:00")
 
 
 def report_dead_letter(attempt: Attempt, failure: PermanentFailure, tries: int) -> None:

@@ -18,7 +18,6 @@ import asyncio
 import binascii
 import collections
 import contextlib
-import datetime as dt
 import logging
 import os
 import struct
@@ -37,7 +36,7 @@ from pamqp.header import ContentHeader
 from prometheus_client import Counter
 
 from formcraftd.config import BrokerConfig, EventsConfig, WorkerKind
-from formcraftd.logs import redact
+from formcraftd.logs import redact, utc_timestamp
 
 log = logging.getLogger("formcraftd.events")
 
@@ -89,7 +88,14 @@ _encoder = msgspec.json.Encoder()
 
 
 def now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+    """Now in UTC as ``datetime.isoformat(timespec="milliseconds")`` writes it.
+
+    The date and time of day come from a per-second cache (one event per attempt
+    would otherwise build and format a datetime each).
+    """
+    instant = time.time()
+    second = int(instant)
+    return utc_timestamp(second, int((instant - second) * 1000), "+00:00")
 
 
 def snippet(text: str | None) -> str | None:
