@@ -104,7 +104,7 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()  # every message not yet settled
         self._waiting: set[asyncio.Task[None]] = set()  # ... of which waiting for a slot
         self._running: dict[asyncio.Task[None], float] = {}  # ... of which in a handler
-        metrics.in_flight.set_function(self._in_flight)  # read at scrape time, not per job
+        metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time
         self.finished = 0  # jobs that succeeded, were retried or dead-lettered
         self.failed = 0  # ... of which retried or dead-lettered
 
@@ -116,9 +116,6 @@ class Consumer:
 
     @property
     def in_flight(self) -> int:
-        return len(self._running)
-
-    def _in_flight(self) -> float:
         return len(self._running)
 
     def oldest_in_flight_s(self) -> float:
