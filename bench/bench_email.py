@@ -55,11 +55,12 @@ from aiosmtpd.smtp import SMTP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from formcraftd import config
-from formcraftd.broker import Broker, WorkerTopology
-from formcraftd.broker import delete_topology as delete_declared
+from formcraftd.amqp.connection import Broker
+from formcraftd.amqp.topology import WorkerTopology
+from formcraftd.amqp.topology import delete_topology as delete_declared
+from formcraftd.core import config
 from formcraftd.daemon import Daemon
-from formcraftd.templating import PACKAGE_TEMPLATES
+from formcraftd.workers.email.templating import PACKAGE_TEMPLATES
 
 AMQP_URL = os.environ.get("FORMCRAFTD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SENDER = "no-reply@bench.example"

@@ -282,8 +282,8 @@ def compare_py_spy(base_path: Path, other_path: Path, top: int) -> None:
 
 
 async def profile_cprofile(args: argparse.Namespace, stage: Stage, receiver: Receiver) -> Path:
-    from formcraftd import logs  # noqa: PLC0415 - the daemon's modules load only in this mode
     from formcraftd.daemon import Daemon  # noqa: PLC0415
+    from formcraftd.ops import logs  # noqa: PLC0415 - the daemon's modules load only in this mode
 
     out = RESULTS / f"profile-{_variant(args)}.cprofile"
     logs.configure(stage.config.logging, stream=open("/dev/null", "w"))  # noqa: SIM115, ASYNC230
@@ -336,11 +336,12 @@ def micro() -> None:
     import hashlib  # noqa: PLC0415 - this mode only
     import hmac  # noqa: PLC0415
 
-    from formcraftd import config, jobs, logs  # noqa: PLC0415
-    from formcraftd.attempts import Attempt, delivery_event, log_attempt  # noqa: PLC0415
-    from formcraftd.jobs import Delivered, JobContext  # noqa: PLC0415
-    from formcraftd.metrics import Metrics  # noqa: PLC0415
-    from formcraftd.settled import SettledDeliveries  # noqa: PLC0415
+    from formcraftd.amqp.settled import SettledDeliveries  # noqa: PLC0415
+    from formcraftd.core import config, jobs  # noqa: PLC0415
+    from formcraftd.core.jobs import Delivered, JobContext  # noqa: PLC0415
+    from formcraftd.ops import logs  # noqa: PLC0415
+    from formcraftd.ops.metrics import Metrics  # noqa: PLC0415
+    from formcraftd.ops.reporting import Attempt, delivery_event, log_attempt  # noqa: PLC0415
     from formcraftd.workers import webhook  # noqa: PLC0415
 
     body = job_body("http://127.0.0.1:8080/hook", 1)
@@ -432,9 +433,7 @@ def micro() -> None:
 
         return ops
 
-    case("  the same as prometheus_client children, plus in-flight +1 -1 (before)")(
-        prometheus_ops
-    )
+    case("  the same as prometheus_client children, plus in-flight +1 -1 (before)")(prometheus_ops)
 
     def settled() -> Callable[[], object]:
         memory = SettledDeliveries(window_s=3600, size=100_000)

@@ -59,8 +59,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from formcraftd import config  # noqa: E402
-from formcraftd.broker import Broker, WorkerTopology  # noqa: E402
+from formcraftd.amqp.connection import Broker  # noqa: E402
+from formcraftd.amqp.topology import WorkerTopology  # noqa: E402
+from formcraftd.core import config  # noqa: E402
 
 AMQP_URL = os.environ.get("FORMCRAFTD_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SECRET = "whsec_YmVuY2htYXJrLXNlY3JldA=="

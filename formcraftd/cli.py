@@ -18,8 +18,11 @@ import aio_pika
 import aiormq
 import orjson
 
-from formcraftd import __version__, config, jobs, logs, suppression
-from formcraftd.errors import BrokerUnreachable, ConfigError, FormcraftError, TopologyError
+from formcraftd import __version__
+from formcraftd.core import config, jobs
+from formcraftd.core.errors import BrokerUnreachable, ConfigError, FormcraftError, TopologyError
+from formcraftd.ops import logs
+from formcraftd.workers.email import suppression
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
@@ -103,7 +106,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from formcraftd import events
+    from formcraftd.core import events
 
     document = events.schema() if args.kind == "events" else jobs.schema(args.kind)
     sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -128,7 +131,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 async def _publish(cfg: config.Config, queue: str, body: bytes, job_id: str) -> None:
-    from formcraftd.broker import Broker, WorkerTopology
+    from formcraftd.amqp.connection import Broker
+    from formcraftd.amqp.topology import WorkerTopology
 
     broker = Broker(cfg.broker)
     await broker.connect()
@@ -160,20 +164,23 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -> object:
-    from formcraftd import dlq
-    from formcraftd.broker import Broker
+    from formcraftd.amqp import dead_letters
+    from formcraftd.amqp.connection import Broker
+    from formcraftd.amqp.topology import dead_letter_queue_name
 
     broker = Broker(cfg.broker)
     await broker.connect()
     try:
         channel = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
         if action == "list":
-            return await dlq.peek(channel, queue, limit or 10)
+            return await dead_letters.peek(channel, queue, limit or 10)
         if action == "replay":
-            return {"queue": queue, "replayed": await dlq.replay(channel, queue, limit)}
-        return {"queue": queue, "purged": await dlq.purge(channel, queue)}
+            return {"queue": queue, "replayed": await dead_letters.replay(channel, queue, limit)}
+        return {"queue": queue, "purged": await dead_letters.purge(channel, queue)}
     except aiormq.exceptions.ChannelNotFoundEntity:
-        raise FormcraftError(f"dlq.{queue} does not exist (has the daemon run yet?)") from None
+        raise FormcraftError(
+            f"{dead_letter_queue_name(queue)} does not exist (has the daemon run yet?)"
+        ) from None
     finally:
         await broker.aclose()
 
@@ -187,7 +194,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 async def _tail_events(cfg: config.Config, pattern: str, count: int | None) -> None:
     """Print events as they arrive, from a temporary exclusive queue bound to the exchange."""
-    from formcraftd.broker import Broker
+    from formcraftd.amqp.connection import Broker
 
     broker = Broker(cfg.broker)
     await broker.connect()

@@ -19,26 +19,29 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import msgspec
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
 
-from formcraftd import __version__, dlq, logs, systemd
-from formcraftd import events as events_module
-from formcraftd.breakers import BreakerRegistry
-from formcraftd.broker import Broker, WorkerTopology
-from formcraftd.config import AnyWorkerConfig, Config, WorkerKind
-from formcraftd.consumer import Consumer
-from formcraftd.events import EventPublisher, TokenRefreshedEvent
-from formcraftd.jobs import Handler
-from formcraftd.metrics import Metrics
-from formcraftd.monitor import Monitor, QueueSample
-from formcraftd.reload import Reloader
-from formcraftd.web import UnknownQueue, build_app, start_server
-
-if TYPE_CHECKING:
-    from formcraftd.google_auth import AccessToken
+from formcraftd import __version__
+from formcraftd.amqp import dead_letters
+from formcraftd.amqp.connection import Broker
+from formcraftd.amqp.consumer import Consumer
+from formcraftd.amqp.events import EventPublisher
+from formcraftd.amqp.topology import WorkerTopology
+from formcraftd.core.breakers import BreakerRegistry
+from formcraftd.core.config import AnyWorkerConfig, Config, WorkerKind
+from formcraftd.core.events import Emit
+from formcraftd.core.handler import Handler, HandlerFactory
+from formcraftd.core.stats import QueueStats
+from formcraftd.ops import logs, systemd
+from formcraftd.ops.http import UnknownQueue, build_app, start_server
+from formcraftd.ops.metrics import Metrics
+from formcraftd.ops.monitor import Monitor, QueueSample
+from formcraftd.ops.reload import Reloader
+from formcraftd.ops.reporting import AttemptLog
 
 log = logging.getLogger("formcraftd.daemon")
 
@@ -53,7 +56,9 @@ HANDLERS: dict[WorkerKind, tuple[str, str]] = {
 }
 
 
-def build_handler(kind: WorkerKind, worker: AnyWorkerConfig) -> Handler[Any] | None:
+def build_handler(
+    kind: WorkerKind, worker: AnyWorkerConfig, *, emit: Emit | None = None
+) -> Handler[Any] | None:
     """The handler for one worker kind; None for kinds this build does not have."""
     module_name, class_name = HANDLERS[kind]
     try:
@@ -62,8 +67,8 @@ def build_handler(kind: WorkerKind, worker: AnyWorkerConfig) -> Handler[Any] | N
         if exc.name != module_name:
             raise
         return None
-    handler: Handler[Any] = getattr(module, class_name)(worker, user_agent=USER_AGENT)
-    return handler
+    factory: HandlerFactory = getattr(module, class_name)
+    return factory(worker, user_agent=USER_AGENT, emit=emit)
 
 
 class Daemon:
@@ -83,7 +88,9 @@ class Daemon:
         self.kinds: dict[str, WorkerKind] = {}
         self.monitor = Monitor(config.monitoring, source=self, metrics=self.metrics)
         self.events = EventPublisher(config.events, config.broker, self.metrics.events_dropped)
-        self.reloader = Reloader(self)
+        self.reloader = Reloader(
+            self, on_result=lambda result: self.metrics.config_reloads.labels(result).inc()
+        )
         self.http_runner: web.AppRunner | None = None
         self.started = asyncio.Event()
         self.started_at = time.time()
@@ -180,7 +187,8 @@ class Daemon:
         self._closers.append(("http server", self.http_runner.cleanup))
 
     async def _start_worker(self, kind: WorkerKind, worker: AnyWorkerConfig) -> None:
-        handler = build_handler(kind, worker)
+        emit = self.events.emit if self.events.enabled else None
+        handler = build_handler(kind, worker, emit=emit)
         if handler is None:
             log.warning(
                 "the %s worker is not available in this build; %s is not consumed",
@@ -195,7 +203,7 @@ class Daemon:
         prefetch = handler.prefetch(worker.concurrency)
         channel = await self.broker.channel(prefetch=prefetch)
         self.kinds[worker.queue] = kind
-        self.consumers[worker.queue] = Consumer(
+        consumer = self.consumers[worker.queue] = Consumer(
             kind=kind,
             worker=worker,
             topology=topology,
@@ -204,12 +212,16 @@ class Daemon:
             breakers=self.breakers,
             breaker_config=self.config.breaker,
             daemon_config=self.config.daemon,
-            metrics=self.metrics.queue(worker.queue),
+            stats=QueueStats(),
+            reporter=AttemptLog(emit),
             prefetch=prefetch,
-            emit=self.events.emit if self.events.enabled else None,
         )
-        if kind == "sheets" and self.events.enabled:
-            handler.on_token_refreshed = self._token_refreshed  # type: ignore[attr-defined]
+        self.metrics.watch_queue(
+            worker.queue,
+            consumer.stats,
+            in_flight=lambda: consumer.in_flight,
+            concurrency=lambda: consumer.limiter.limit,
+        )
 
     async def _close(self) -> None:
         """Close what was opened, in reverse order; log and continue on errors."""
@@ -240,16 +252,26 @@ class Daemon:
         """Re-read and apply the config file (SIGHUP and POST /admin/reload)."""
         return await self.reloader.reload()
 
-    def _token_refreshed(self, form_id: str, token: AccessToken) -> None:
-        """Hand a refreshed Google token to the app through the events exchange only."""
-        self.events.emit(
-            TokenRefreshedEvent(
-                form_id=form_id,
-                access_token=token.value,
-                expiry_date=token.expiry_ms,
-                at=events_module.now(),
-            )
-        )
+    async def apply_config(self, new: Config) -> None:
+        """Declare what `new` needs, then swap every live setting (the reloader calls this)."""
+        for queue in self.consumers:
+            running = self.config.worker(self.kinds[queue])
+            retry = new.worker(self.kinds[queue]).retry
+            if retry != running.retry:  # new wait queues must exist before a retry uses them
+                updated = msgspec.structs.replace(running, retry=retry)
+                await self.broker.declare(WorkerTopology.build(updated, self.config.broker))
+        # Handlers first: they may still refuse a setting (ConfigError) before
+        # anything else has changed.
+        for queue, consumer in self.consumers.items():
+            consumer.handler.reconfigure(new.worker(self.kinds[queue]))
+        logs.configure(new.logging)
+        self.breakers.reconfigure(new.breaker)
+        self.monitor.reconfigure(new.monitoring)
+        for queue, consumer in self.consumers.items():
+            worker = new.worker(self.kinds[queue])
+            consumer.reconfigure(worker, new.breaker, new.daemon)
+            await consumer.set_prefetch(consumer.handler.prefetch(worker.concurrency))
+        self.config = new
 
     # --- state for health, status, the monitor ----------------------------------------
 
@@ -266,7 +288,7 @@ class Daemon:
 
     def samples(self) -> Sequence[QueueSample]:
         return [
-            QueueSample(name, c.finished, c.failed, c.oldest_in_flight_s())
+            QueueSample(name, c.stats.finished, c.stats.failed, c.oldest_in_flight_s())
             for name, c in self.consumers.items()
         ]
 
@@ -331,8 +353,8 @@ class Daemon:
                 "dead_letter_depth": reading.dead_letter_depth if reading else None,
                 "rate_per_s": round(reading.rate_per_s, 3) if reading else 0.0,
                 "error_rate": round(reading.error_rate, 3) if reading else 0.0,
-                "finished": consumer.finished,
-                "failed": consumer.failed,
+                "finished": consumer.stats.finished,
+                "failed": consumer.stats.failed,
             }
         return {
             "version": __version__,
@@ -367,11 +389,11 @@ class Daemon:
 
     async def dlq_peek(self, queue: str, limit: int) -> list[dict[str, Any]]:
         self._consumer(queue)
-        return await dlq.peek(await self.monitor_channel(), queue, limit)
+        return await dead_letters.peek(await self.monitor_channel(), queue, limit)
 
     async def dlq_replay(self, queue: str, limit: int | None) -> int:
         self._consumer(queue)
-        moved = await dlq.replay(await self.monitor_channel(), queue, limit)
+        moved = await dead_letters.replay(await self.monitor_channel(), queue, limit)
         log.info("replayed %d dead letters of %s", moved, queue)
         return moved
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aio_pika
 import pytest
 
-from formcraftd import config
+from formcraftd.core import config
 from formcraftd.daemon import Daemon
 from tests.support import AMQP_URL, Behaviour, Broker, Names, Receiver, ok
 

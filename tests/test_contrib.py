@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import yaml
 
-from formcraftd.web import bound_port
+from formcraftd.ops.http import bound_port
 from tests.conftest import DaemonFactory
 from tests.support import Names, make_config
 

@@ -3,102 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
-from formcraftd.workers.webhook import webhook_id
+from formcraftd.workers.webhook.handler import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import AMQP_URL, Broker, Names, make_config, webhook_job
+from tests.support import Broker, Names, make_config, webhook_job
+from tests.support.process import free_port, run_cli, spawn, wait_exit, wait_healthy, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.webhook]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def write_config(
-    path: Path,
-    names: Names,
-    *,
-    port: int,
-    concurrency: int = 4,
-    shutdown_timeout_s: float = 10,
-    url: str = AMQP_URL,
-    connect_timeout_s: float = 10,
-) -> Path:
-    lines = [
-        "[broker]",
-        f'url = "{url}"',
-        f"connect_timeout_s = {connect_timeout_s}",
-        "[http]",
-        'host = "127.0.0.1"',
-        f"port = {port}",
-        "[daemon]",
-        f"shutdown_timeout_s = {shutdown_timeout_s}",
-        "[monitoring]",
-        "enabled = false",
-        "[retry]",
-        "initial_delay_ms = 100",
-        "max_delay_ms = 800",
-        "[workers.webhook]",
-        f'queue = "{names.queue("webhook")}"',
-        f'dead_letter_exchange = "{names.dlx("webhook")}"',
-        f"concurrency = {concurrency}",
-        'allowed_networks = ["127.0.0.1/32"]',
-    ]
-    for kind in ("email", "sheets"):
-        lines += [
-            f"[workers.{kind}]",
-            "enabled = false",
-            f'queue = "{names.queue(kind)}"',
-            f'dead_letter_exchange = "{names.dlx(kind)}"',
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "formcraftd", *args], stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-async def wait_healthy(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError("daemon never became healthy")
-
-
-async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while process.poll() is None:
-        if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise TimeoutError("daemon did not exit in time")
-        await asyncio.sleep(0.05)
-    return process.returncode
 
 
 async def test_sigterm_with_jobs_in_flight_loses_nothing(
@@ -203,17 +120,6 @@ async def test_unreachable_broker_exits_3(tmp_path: Path, names: Names) -> None:
     output = (tmp_path / "out.log").read_text()
     assert "Traceback" not in output
     assert "not reachable" in output
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "formcraftd", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
 
 
 def test_check_config_rejects_an_unknown_key_in_one_line(tmp_path: Path) -> None:

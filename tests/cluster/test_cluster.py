@@ -26,13 +26,13 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiohttp import web
 
-from formcraftd.broker import Broker as DaemonBroker
-from formcraftd.broker import FailoverConnection, WorkerTopology
-from formcraftd.errors import TopologyError
-from formcraftd.workers.webhook import webhook_id
+from formcraftd.amqp.connection import Broker as DaemonBroker
+from formcraftd.amqp.connection import FailoverConnection, WorkerTopology
+from formcraftd.core.errors import TopologyError
+from formcraftd.workers.webhook.handler import webhook_id
 from tests.cluster.cluster import RabbitCluster, unavailable_reason
 from tests.support import Names, make_config, webhook_job
-from tests.test_process import free_port, wait_exit, wait_healthy
+from tests.support.process import free_port, wait_exit, wait_healthy
 
 _UNAVAILABLE = unavailable_reason()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_process import run_cli
+from tests.support.process import run_cli
 
 pytestmark = [pytest.mark.faults]
 

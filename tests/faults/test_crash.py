@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from formcraftd.broker import Broker as DaemonBroker
-from formcraftd.broker import WorkerTopology
-from formcraftd.workers.webhook import webhook_id
+from formcraftd.amqp.connection import Broker as DaemonBroker
+from formcraftd.amqp.topology import WorkerTopology
+from formcraftd.workers.webhook.handler import webhook_id
 from tests.conftest import ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
-from tests.test_process import free_port, spawn, wait_exit, wait_healthy, write_config
+from tests.support.process import free_port, spawn, wait_exit, wait_healthy, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(240)]
 

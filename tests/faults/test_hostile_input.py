@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formcraftd.config import Config
+from formcraftd.core.config import Config
 from formcraftd.daemon import Daemon
 from tests.support import AMQP_URL, Broker, Names, make_config
 

@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.fake_google import FakeGoogle, sheets_job_body
-from tests.smtp_support import email_payload, running_servers
 from tests.support import Broker, Names, TcpProxy, make_config
+from tests.support.google import FakeGoogle, sheets_job_body
+from tests.support.smtp import email_payload, running_servers
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -128,7 +128,7 @@ async def test_a_dribbled_body_after_a_200_still_succeeds_within_the_timeout(
     async with raw_server(slowloris) as url:
         started = time.monotonic()
         await amqp.publish(cfg.workers.webhook.queue, webhook_job(url))
-        while daemon.consumers[cfg.workers.webhook.queue].finished < 1:
+        while daemon.consumers[cfg.workers.webhook.queue].stats.finished < 1:
             assert time.monotonic() - started < 10
             await asyncio.sleep(0.05)
     assert time.monotonic() - started < TIMEOUT_MS / 1000 + 2.0

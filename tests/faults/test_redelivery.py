@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 
-from formcraftd import acks as acks_module
-from formcraftd.broker import Broker as DaemonBroker
-from formcraftd.broker import WorkerTopology
-from formcraftd.config import Config
+from formcraftd.amqp import acks as acks_module
+from formcraftd.amqp.connection import Broker as DaemonBroker
+from formcraftd.amqp.topology import WorkerTopology
+from formcraftd.core.config import Config
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
 

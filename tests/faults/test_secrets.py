@@ -13,12 +13,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from formcraftd import logs
-from formcraftd.web import bound_port
+from formcraftd.ops import logs
+from formcraftd.ops.http import bound_port
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.fake_google import CLIENT_SECRET, FakeGoogle, sheets_job_body
-from tests.smtp_support import PASSWORD, email_payload, running_servers
 from tests.support import Broker, Names, make_config, webhook_job
+from tests.support.google import CLIENT_SECRET, FakeGoogle, sheets_job_body
+from tests.support.smtp import PASSWORD, email_payload, running_servers
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(120)]
 

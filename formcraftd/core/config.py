@@ -1,0 +1,416 @@
+"""config.toml as frozen msgspec Structs, with environment overrides.
+
+`load(path)` reads the file, applies the environment, validates the whole thing
+and returns one immutable :class:`Config`; any problem is a :class:`ConfigError`
+whose message is one line naming the file and the key. Reload is the same call:
+a bad file changes nothing because nothing is swapped until it validated.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from formcraftd.core.errors import ConfigError
+from formcraftd.core.redaction import mask_url
+
+WorkerKind = Literal["webhook", "email", "sheets"]
+WORKER_KINDS: tuple[WorkerKind, ...] = ("webhook", "email", "sheets")
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+QueueName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    url: str = "amqp://guest:guest@localhost:5672/"
+    queue_type: Literal["classic", "quorum"] = "classic"
+    connect_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    heartbeat_s: NonNegativeInt = 30
+    delivery_limit: PositiveInt = 20  # quorum queues only: x-delivery-limit
+
+
+class HttpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Port = 9800
+    admin_token: str = ""
+
+
+class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    sentry_dsn: str = ""
+    debug_workers: tuple[str, ...] = ()  # from DEBUG=workers:<kind>; "*" = all
+
+
+class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    max_message_bytes: PositiveInt = 1_048_576
+    settled_memory_s: NonNegativeInt = 3600  # how long a settled delivery is remembered
+    settled_memory_size: NonNegativeInt = 100_000  # ... and how many at most (0 = off)
+    max_redeliveries: PositiveInt = 5  # classic queues: redeliveries before dead-lettering
+
+
+class EventsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = False
+    exchange: QueueName = "formcraftd.events"
+
+
+class MonitoringConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    interval_ms: PositiveInt = 60_000
+    queue_size_threshold: NonNegativeInt = 1000
+    error_rate_threshold: Fraction = 0.5
+    processing_delay_threshold_ms: PositiveInt = 30_000
+    alert_webhook_url: str = ""
+
+
+class RetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    attempts: PositiveInt = 3
+    backoff: Literal["exponential", "linear"] = "exponential"
+    initial_delay_ms: PositiveInt = 1000
+    max_delay_ms: PositiveInt = 60_000
+
+    def __post_init__(self) -> None:
+        if self.max_delay_ms < self.initial_delay_ms:
+            raise ValueError("max_delay_ms must be >= initial_delay_ms")
+
+
+class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    failure_threshold: PositiveInt = 5
+    reset_timeout_ms: PositiveInt = 30_000
+    max_job_age_ms: PositiveInt = 86_400_000
+
+
+Concurrency = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+
+
+class _WorkerBase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What every worker section has; `queue`, `dead_letter_exchange` and
+    `concurrency` are declared by each subclass with its own default."""
+
+    enabled: bool = True
+    retry: RetryConfig = RetryConfig()
+    dead_letter_ttl_ms: PositiveInt | None = None
+
+
+class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    queue: QueueName = "webhook_tasks"
+    dead_letter_exchange: QueueName = "dlx.webhook"
+    concurrency: Concurrency = 5
+    timeout_ms: PositiveInt = 30_000
+    max_response_bytes: NonNegativeInt = 65_536
+    allow_private_networks: bool = False
+    allowed_networks: tuple[str, ...] = ()
+
+
+class EmailWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    queue: QueueName = "email_tasks"
+    dead_letter_exchange: QueueName = "dlx.email"
+    concurrency: Concurrency = 3
+    smtp_host: str = "localhost"
+    smtp_port: Port = 25
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_security: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    from_address: str = "FormCraft <no-reply@localhost>"
+    return_path: str = ""
+    templates_dir: str = ""
+    attachments_dir: str = ""
+    max_attachment_bytes: PositiveInt = 10_485_760
+    state_dir: str = "./var"
+
+
+class SheetsWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    queue: QueueName = "sheets_tasks"
+    dead_letter_exchange: QueueName = "dlx.sheets"
+    concurrency: Concurrency = 2
+    client_id: str = ""
+    client_secret: str = ""
+    api_root_url: str = "https://sheets.googleapis.com/"
+    token_url: str = "https://oauth2.googleapis.com/token"
+    value_input_option: Literal["USER_ENTERED", "RAW"] = "USER_ENTERED"
+    write_mode: Literal["append", "update"] = "append"
+    batch_window_ms: NonNegativeInt = 200
+    batch_max_rows: PositiveInt = 500
+    requests_per_minute_per_user: PositiveInt = 60
+    requests_per_minute: PositiveInt = 300
+    single_active_consumer: bool = False
+
+
+class WorkersConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    webhook: WebhookWorkerConfig = WebhookWorkerConfig()
+    email: EmailWorkerConfig = EmailWorkerConfig()
+    sheets: SheetsWorkerConfig = SheetsWorkerConfig()
+
+
+AnyWorkerConfig = WebhookWorkerConfig | EmailWorkerConfig | SheetsWorkerConfig
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    broker: BrokerConfig = BrokerConfig()
+    http: HttpConfig = HttpConfig()
+    logging: LoggingConfig = LoggingConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    events: EventsConfig = EventsConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    workers: WorkersConfig = WorkersConfig()
+    source: str = ""  # the file this was read from ("" = defaults only)
+
+    def worker(self, kind: WorkerKind) -> AnyWorkerConfig:
+        section: AnyWorkerConfig = getattr(self.workers, kind)
+        return section
+
+    def enabled_workers(self) -> list[tuple[WorkerKind, AnyWorkerConfig]]:
+        return [(kind, self.worker(kind)) for kind in WORKER_KINDS if self.worker(kind).enabled]
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data with every secret masked."""
+        data: dict[str, Any] = msgspec.to_builtins(self)
+        data["broker"]["url"] = mask_url(self.broker.url)
+        for section, key in _SECRET_KEYS:
+            node = data
+            for part in section:
+                node = node[part]
+            if node.get(key):
+                node[key] = "***"
+        alert_url = self.monitoring.alert_webhook_url
+        if alert_url:
+            data["monitoring"]["alert_webhook_url"] = mask_url(alert_url)
+        return data
+
+
+_SECRET_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("http",), "admin_token"),
+    (("logging",), "sentry_dsn"),
+    (("workers", "email"), "smtp_password"),
+    (("workers", "sheets"), "client_secret"),
+)
+
+
+# --- environment overrides -------------------------------------------------
+
+# variable -> (path in the document, type)
+_ENV_KEYS: dict[str, tuple[tuple[str, ...], type]] = {
+    "RABBITMQ_URL": (("broker", "url"), str),
+    "FORMCRAFTD_ADMIN_TOKEN": (("http", "admin_token"), str),
+    "SENTRY_DSN": (("logging", "sentry_dsn"), str),
+    "WORKER_MONITORING_ENABLED": (("monitoring", "enabled"), bool),
+    "WORKER_MONITORING_INTERVAL": (("monitoring", "interval_ms"), int),
+    "WEBHOOK_WORKER_CONCURRENCY": (("workers", "webhook", "concurrency"), int),
+    "EMAIL_WORKER_CONCURRENCY": (("workers", "email", "concurrency"), int),
+    "SHEETS_WORKER_CONCURRENCY": (("workers", "sheets", "concurrency"), int),
+    "SMTP_PASSWORD": (("workers", "email", "smtp_password"), str),
+    "GOOGLE_CLIENT_ID": (("workers", "sheets", "client_id"), str),
+    "GOOGLE_CLIENT_SECRET": (("workers", "sheets", "client_secret"), str),
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _env_value(name: str, raw: str, kind: type) -> object:
+    if kind is bool:
+        if raw.strip().lower() in _TRUE:
+            return True
+        if raw.strip().lower() in _FALSE:
+            return False
+        raise ConfigError(f"environment {name}: expected true/false, got {raw!r}")
+    if kind is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"environment {name}: expected an integer, got {raw!r}") from None
+    return raw
+
+
+def _set_path(doc: dict[str, Any], path: tuple[str, ...], value: object) -> None:
+    node = doc
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"key {'.'.join(path[:-1])}: expected a table")
+        node = child
+    node[path[-1]] = value
+
+
+def debug_workers(debug: str) -> tuple[str, ...]:
+    """The worker kinds that `DEBUG` turns on: `workers:*` = all, `workers:webhook,...`."""
+    kinds: list[str] = []
+    for item in re.split(r"[,\s]+", debug.strip()):
+        if item in {"workers:*", "*"}:
+            return ("*",)
+        if item.startswith("workers:"):
+            kinds.append(item.removeprefix("workers:"))
+    return tuple(kinds)
+
+
+def apply_environment(doc: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, (path, kind) in _ENV_KEYS.items():
+        if name in environ:
+            _set_path(doc, path, _env_value(name, environ[name], kind))
+    if environ.get("DEBUG"):
+        _set_path(doc, ("logging", "debug_workers"), list(debug_workers(environ["DEBUG"])))
+
+
+# --- loading -----------------------------------------------------------------
+
+_UNKNOWN = re.compile(
+    r"Object contains unknown field `(?P<field>[^`]*)`(?: - at `\$(?P<at>[^`]*)`)?"
+)
+_AT = re.compile(r" - at `\$(?P<at>[^`]*)`$")
+
+
+def _dotted(at: str) -> str:
+    return re.sub(r"\[(\d+)\]", r"[\1]", at).lstrip(".")
+
+
+def _explain(error: msgspec.ValidationError, source: str, environ: Mapping[str, str]) -> str:
+    text = str(error)
+    unknown = _UNKNOWN.match(text)
+    if unknown:
+        at = _dotted(unknown.group("at") or "")
+        key = f"{at}.{unknown.group('field')}" if at else unknown.group("field")
+        return f"{source}: unknown key {key}"
+    at_match = _AT.search(text)
+    if at_match:
+        key = _dotted(at_match.group("at"))
+        origin = next(
+            (
+                f" (from environment {name})"
+                for name, (path, _) in _ENV_KEYS.items()
+                if name in environ and ".".join(path) == key
+            ),
+            "",
+        )
+        return f"{source}: key {key}{origin}: {text[: at_match.start()]}"
+    return f"{source}: {text}"
+
+
+def _merge_worker_retry(doc: dict[str, Any]) -> None:
+    """A `[workers.X.retry]` table overrides `[retry]` key by key."""
+    base = doc.get("retry", {})
+    workers = doc.setdefault("workers", {})
+    if not isinstance(base, dict) or not isinstance(workers, dict):
+        return
+    for kind in WORKER_KINDS:
+        section = workers.get(kind)
+        if section is None:
+            section = workers[kind] = {}
+        if not isinstance(section, dict):
+            continue
+        override = section.get("retry", {})
+        if isinstance(override, dict):
+            section["retry"] = {**base, **override}
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    email = config.workers.email
+
+    def resolve(value: str) -> str:
+        return str((base / value).resolve()) if value else value
+
+    email = msgspec.structs.replace(
+        email,
+        templates_dir=resolve(email.templates_dir),
+        attachments_dir=resolve(email.attachments_dir),
+        state_dir=resolve(email.state_dir),
+    )
+    workers = msgspec.structs.replace(config.workers, email=email)
+    return msgspec.structs.replace(config, workers=workers)
+
+
+def _check_cross_fields(config: Config, source: str) -> None:
+    names: dict[str, str] = {}
+    for kind in WORKER_KINDS:
+        worker = config.worker(kind)
+        for key, name in (
+            ("queue", worker.queue),
+            ("dead_letter_exchange", worker.dead_letter_exchange),
+        ):
+            if name in names:
+                raise ConfigError(
+                    f"{source}: key workers.{kind}.{key}: {name!r} is already used by {names[name]}"
+                )
+            names[name] = f"workers.{kind}.{key}"
+    for url in config.broker.url.split(","):
+        if urlsplit(url.strip()).scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"{source}: key broker.url: expected amqp:// or amqps:// URLs")
+    for cidr in config.workers.webhook.allowed_networks:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: key workers.webhook.allowed_networks: {cidr[:100]!r} is not a CIDR"
+            ) from None
+
+
+def parse(
+    text: str,
+    *,
+    source: str = "config.toml",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate TOML `text` (plus the environment) into a :class:`Config`."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_document(doc, source=source, base_dir=base_dir, environ=environ)
+
+
+def parse_document(
+    doc: dict[str, Any],
+    *,
+    source: str = "config.toml",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate an already-parsed TOML document (a dict) into a :class:`Config`."""
+    doc = copy.deepcopy(doc)
+    if "source" in doc:
+        raise ConfigError(f"{source}: unknown key source")
+    environ = os.environ if environ is None else environ
+    apply_environment(doc, environ)
+    _merge_worker_retry(doc)
+    doc["source"] = source
+    try:
+        config = msgspec.convert(doc, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, source, environ)) from None
+    _check_cross_fields(config, source)
+    return _resolve_paths(config, base_dir or Path.cwd())
+
+
+def load(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file at `path`."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{file}: cannot read config file: {reason}") from None
+    return parse(text, source=str(file), base_dir=file.resolve().parent, environ=environ)
+
+
+def default_path(environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get("FORMCRAFTD_CONFIG") or "config.toml"

@@ -1,0 +1,135 @@
+"""Masking secrets in text, URLs and decoded JSON before anything is shown.
+
+:func:`redact` masks obvious secrets in free text (URL passwords, ``whsec_``
+keys, bearer and basic credentials, ``password=...``-style pairs); every log
+line, error reason, dead-letter header and event snippet passes through it as
+a last line of defence. :func:`mask_url` masks the password of a URL (or of
+each URL of a comma-separated list) and :func:`mask_json` every value of a
+decoded JSON document whose key names a secret. Call sites must still never
+show a secret on purpose.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+MASK = "***"
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s/]+@")
+_WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
+_AUTH_SCHEME = re.compile(r"\b(?P<scheme>Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_SECRET_PAIR = re.compile(
+    r"""(?P<key>(?:[\w-]*(?:password|passwd|secret)|access_token|refresh_token|id_token
+              |admin_token|[\w-]*api[_-]?key|authorization)
+         \\?["']?\s*[:=]\s*)
+        (?!\\?["']?(?:Bearer|Basic)\s)  # the scheme stays readable; _AUTH_SCHEME masks the rest
+        (?P<value>\\?"(?:[^"\\]|\\.)*?\\?"|'[^']*'|[^\s,&;}\]"'\\]+)""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    value = match.group("value")
+    for quote in ('\\"', '"', "'"):
+        if value.startswith(quote):
+            return f"{match.group('key')}{quote}***{quote}"
+    return f"{match.group('key')}***"
+
+
+# Every pattern above needs one of these; most log text has none, and one
+# search is far cheaper than four substitutions (job lines are on the hot path).
+_MAYBE_SECRET = re.compile(
+    r"://|whsec_|bearer|basic|passw|secret|token|api[_-]?key|authorization", re.IGNORECASE
+)
+# The same words, matched case-sensitively against lower-cased text. For ASCII
+# text this finds exactly what _MAYBE_SECRET finds (the further case matches of
+# IGNORECASE, such as U+017F long s for "s" or U+212A Kelvin sign for "k", are
+# not ASCII), and several times faster: a case-insensitive alternation defeats
+# the regex engine's first-character scan.
+_MAYBE_SECRET_LOWER = re.compile(_MAYBE_SECRET.pattern)
+
+
+# What every key of _SECRET_PAIR contains, lower-cased (a superset of its keys).
+_PAIR_WORDS_LOWER = re.compile(r"passw|secret|token|api[_-]?key|authorization")
+
+
+def _maybe_secret(text: str) -> bool:
+    """Whether `text` contains one of the words every secret pattern needs."""
+    if text.isascii():
+        return _MAYBE_SECRET_LOWER.search(text.lower()) is not None
+    return _MAYBE_SECRET.search(text) is not None
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords, ``whsec_`` keys, bearer tokens and secret pairs masked.
+
+    Each pattern runs only when its own words are in `text`: a substitution that
+    cannot match changes nothing, and _SECRET_PAIR is slow to find nothing
+    (``[\\w-]*`` tries every start in a run of word characters, such as a job
+    id), while most redacted text, a failure that names a URL, needs only
+    _URL_PASSWORD. What one substitution writes in (``***``, ``:***@``, a kept
+    scheme) brings no word of a later pattern that was not there before, so the
+    words are looked for once, in the text as given.
+    """
+    if not text.isascii():  # the case-insensitive patterns' further matches: run them all
+        if _MAYBE_SECRET.search(text) is None:
+            return text
+        text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+        text = _WHSEC.sub("whsec_***", text)
+        text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
+        return _SECRET_PAIR.sub(_mask_value, text)
+    lower = text.lower()
+    if _MAYBE_SECRET_LOWER.search(lower) is None:
+        return text
+    if "://" in lower:
+        text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    if "whsec_" in text:
+        text = _WHSEC.sub("whsec_***", text)
+    if "bearer" in lower or "basic" in lower:
+        text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
+    if _PAIR_WORDS_LOWER.search(lower) is not None:
+        text = _SECRET_PAIR.sub(_mask_value, text)
+    return text
+
+
+def mask_url(url: str) -> str:
+    """`url` with any password replaced by `***` (each of a comma-separated list)."""
+    return ",".join(_mask_one_url(part) for part in url.split(","))
+
+
+def _mask_one_url(url: str) -> str:
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return MASK
+    if parts.password is None:
+        return url.strip()
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{netloc}"))
+
+
+_SENSITIVE_KEY = re.compile(
+    r"secret|password|passwd|token|authorization|api[-_]?key|cookie|credential", re.IGNORECASE
+)
+
+
+def is_sensitive_key(key: str) -> bool:
+    """Whether a JSON key or header name names a secret (`secret`, `api_key`, ...)."""
+    return _SENSITIVE_KEY.search(key) is not None
+
+
+def mask_json(value: Any) -> Any:
+    """A copy of decoded JSON with every secret-looking value replaced by `***`."""
+    if isinstance(value, dict):
+        return {
+            key: MASK if isinstance(key, str) and is_sensitive_key(key) else mask_json(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [mask_json(item) for item in value]
+    if isinstance(value, str):
+        return redact(value)
+    return value

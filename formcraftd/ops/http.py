@@ -1,0 +1,191 @@
+"""The embedded HTTP server: health, metrics, the status page and the admin API.
+
+It runs inside the daemon's event loop with `AppRunner(handle_signals=False)`:
+the daemon, not aiohttp, owns the signals. `/admin/*` needs
+`Authorization: Bearer <http.admin_token>` (compared in constant time): 401
+without credentials, 403 with wrong ones, and 403 for everyone while no token
+is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+from importlib import resources
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from formcraftd.core.errors import FormcraftError
+from formcraftd.ops.metrics import CONTENT_TYPE
+
+
+class UnknownQueue(FormcraftError):
+    """An admin request named a queue this daemon does not consume."""
+
+
+class Control(Protocol):
+    """What the HTTP server asks of the daemon."""
+
+    def health(self) -> tuple[bool, dict[str, Any]]: ...
+
+    def ready(self) -> tuple[bool, dict[str, Any]]: ...
+
+    def render_metrics(self) -> bytes: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def admin_token(self) -> str: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+    async def pause(self, queue: str) -> dict[str, Any]: ...
+
+    async def resume(self, queue: str) -> dict[str, Any]: ...
+
+    async def dlq_peek(self, queue: str, limit: int) -> list[dict[str, Any]]: ...
+
+    async def dlq_replay(self, queue: str, limit: int | None) -> int: ...
+
+    def breaker_reset(self, key: str) -> bool: ...
+
+
+CONTROL_KEY = web.AppKey("control", Control)
+PAGE_KEY = web.AppKey("status_page", bytes)
+MAX_PEEK = 1000
+
+
+def _control(request: web.Request) -> Control:
+    return request.app[CONTROL_KEY]
+
+
+def _limit(request: web.Request, default: int | None) -> int | None:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text="limit must be a whole number") from None
+    if value < 1:
+        raise web.HTTPBadRequest(text="limit must be at least 1")
+    return value
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Guard `/admin/*` with the bearer token; constant-time comparison."""
+    if request.path.startswith("/admin/") or request.path == "/admin":
+        token = _control(request).admin_token()
+        if not token:
+            return web.json_response(
+                {"error": "the admin API is disabled: set http.admin_token"}, status=403
+            )
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer "):
+            return web.json_response(
+                {"error": "missing bearer token"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="formcraftd"'},
+            )
+        if not hmac.compare_digest(given[len("Bearer ") :].encode(), token.encode()):
+            return web.json_response({"error": "wrong token"}, status=403)
+    try:
+        response: web.StreamResponse = await handler(request)
+    except UnknownQueue as exc:
+        return web.json_response({"error": str(exc)}, status=404)
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    healthy, body = _control(request).health()
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, body = _control(request).ready()
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = _control(request).render_metrics()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def status_page(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[PAGE_KEY], content_type="text/html", charset="utf-8")
+
+
+async def status_json(request: web.Request) -> web.Response:
+    return web.json_response(_control(request).status())
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    result = await _control(request).reload()
+    return web.json_response(result, status=200 if result["result"] == "success" else 422)
+
+
+async def admin_pause(request: web.Request) -> web.Response:
+    return web.json_response(await _control(request).pause(request.match_info["queue"]))
+
+
+async def admin_resume(request: web.Request) -> web.Response:
+    return web.json_response(await _control(request).resume(request.match_info["queue"]))
+
+
+async def admin_dlq_peek(request: web.Request) -> web.Response:
+    limit = min(_limit(request, 10) or 10, MAX_PEEK)
+    letters = await _control(request).dlq_peek(request.match_info["queue"], limit)
+    return web.json_response({"queue": request.match_info["queue"], "dead_letters": letters})
+
+
+async def admin_dlq_replay(request: web.Request) -> web.Response:
+    moved = await _control(request).dlq_replay(request.match_info["queue"], _limit(request, None))
+    return web.json_response({"queue": request.match_info["queue"], "replayed": moved})
+
+
+async def admin_breaker_reset(request: web.Request) -> web.Response:
+    key = request.match_info["key"]
+    if not _control(request).breaker_reset(key):
+        return web.json_response({"error": f"no breaker {key!r}"}, status=404)
+    return web.json_response({"breaker": key, "state": "closed"})
+
+
+def build_app(control: Control) -> web.Application:
+    app = web.Application(middlewares=[admin_auth])
+    app[CONTROL_KEY] = control
+    app[PAGE_KEY] = resources.files("formcraftd.ops").joinpath("static/status.html").read_bytes()
+    router = app.router
+    router.add_get("/", status_page)
+    router.add_get("/status.json", status_json)
+    router.add_get("/healthz", healthz)
+    router.add_get("/readyz", readyz)
+    router.add_get("/metrics", metrics)
+    router.add_get("/admin/status", status_json)
+    router.add_post("/admin/reload", admin_reload)
+    router.add_post("/admin/queues/{queue}/pause", admin_pause)
+    router.add_post("/admin/queues/{queue}/resume", admin_resume)
+    router.add_get("/admin/dlq/{queue}", admin_dlq_peek)
+    router.add_post("/admin/dlq/{queue}/replay", admin_dlq_replay)
+    router.add_post("/admin/breakers/{key}/reset", admin_breaker_reset)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving `app` on host:port; the caller must `await runner.cleanup()`."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port the server listens on (useful when configured as 0)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("the HTTP server is not listening")

@@ -1,0 +1,169 @@
+"""Every Prometheus metric formcraftd exports, in one place.
+
+Each daemon owns its own :class:`CollectorRegistry`, so several daemons can run
+in one test process. What a consumer counts for every job
+(:class:`~formcraftd.core.stats.QueueStats`), its in-flight jobs and its
+concurrency limit are read by a collector when `/metrics` is scraped, so the
+hot path never touches a metric object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from formcraftd.core.breakers import STATE_VALUES, BreakerState
+from formcraftd.core.stats import QueueStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class _WatchedQueue:
+    """What the metrics read of one queue's consumer when `/metrics` is scraped."""
+
+    stats: QueueStats
+    in_flight: Callable[[], int]
+    concurrency: Callable[[], int]
+    created: float = field(default_factory=time.time)
+
+
+_OUTCOMES = ("success", "retry", "dead_letter", "delayed")
+
+
+class _QueueCollector(Collector):
+    """Exports every watched queue's counts, durations, in-flight jobs and limit."""
+
+    def __init__(self, queues: dict[str, _WatchedQueue]) -> None:
+        self._queues = queues
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        jobs, duplicates, durations, in_flight, limit = self._families()
+        for queue, watched in list(self._queues.items()):
+            stats, created = watched.stats, watched.created
+            for outcome in _OUTCOMES:
+                jobs.add_metric([queue, outcome], getattr(stats, outcome), created=created)
+            duplicates.add_metric([queue], stats.duplicates, created=created)
+            durations.add_metric([queue], stats.durations.cumulative(), stats.durations.sum)
+            durations.samples.append(Sample(f"{durations.name}_created", {"queue": queue}, created))
+            in_flight.add_metric([queue], watched.in_flight())
+            limit.add_metric([queue], watched.concurrency())
+        yield from (jobs, duplicates, durations, in_flight, limit)
+
+    @staticmethod
+    def _families() -> tuple[
+        CounterMetricFamily,
+        CounterMetricFamily,
+        HistogramMetricFamily,
+        GaugeMetricFamily,
+        GaugeMetricFamily,
+    ]:
+        return (
+            CounterMetricFamily(
+                "formcraftd_jobs", "Jobs finished, by outcome.", labels=["queue", "outcome"]
+            ),
+            CounterMetricFamily(
+                "formcraftd_duplicates_skipped",
+                "Redelivered jobs this process had already settled, acked without running again.",
+                labels=["queue"],
+            ),
+            HistogramMetricFamily(
+                "formcraftd_job_duration_seconds",
+                "Time a handler spent on one try of a job.",
+                labels=["queue"],
+            ),
+            GaugeMetricFamily(
+                "formcraftd_jobs_in_flight", "Jobs being handled now.", labels=["queue"]
+            ),
+            GaugeMetricFamily(
+                "formcraftd_concurrency_limit",
+                "Concurrency limit of each queue.",
+                labels=["queue"],
+            ),
+        )
+
+
+class Metrics:
+    """The metric families of one daemon."""
+
+    def __init__(self, version: str) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        r = self.registry
+        self._queues: dict[str, _WatchedQueue] = {}
+        r.register(_QueueCollector(self._queues))
+        self.queue_depth = Gauge(
+            "formcraftd_queue_depth", "Messages ready in the main queue.", ["queue"], registry=r
+        )
+        self.dead_letter_depth = Gauge(
+            "formcraftd_dead_letter_depth",
+            "Messages in the dead-letter queue.",
+            ["queue"],
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "formcraftd_events_dropped",
+            "Delivery events dropped (buffer full, or the broker refused them).",
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "formcraftd_breaker_state", "0 closed, 1 half-open, 2 open.", ["key"], registry=r
+        )
+        self.broker_connected = Gauge(
+            "formcraftd_broker_connected", "1 while the AMQP connection is up.", registry=r
+        )
+        self.reconnects = Counter(
+            "formcraftd_reconnects", "Reconnections to the broker.", registry=r
+        )
+        self.config_reloads = Counter(
+            "formcraftd_config_reloads", "Config reloads, by result.", ["result"], registry=r
+        )
+        self.alert_active = Gauge(
+            "formcraftd_alert_active", "1 while an alert is raised.", ["alert"], registry=r
+        )
+        self.build_info = Gauge(
+            "formcraftd_build_info", "The running version.", ["version"], registry=r
+        )
+        self.build_info.labels(version=version).set(1)
+
+    def watch_queue(
+        self,
+        queue: str,
+        stats: QueueStats,
+        *,
+        in_flight: Callable[[], int],
+        concurrency: Callable[[], int],
+    ) -> None:
+        """Export `queue`'s counts, and its in-flight jobs and limit read at scrape time."""
+        self._queues[queue] = _WatchedQueue(stats, in_flight, concurrency)
+
+    def breaker_changed(self, key: str, state: BreakerState) -> None:
+        self.breaker_state.labels(key).set(STATE_VALUES[state])
+
+    def breaker_evicted(self, key: str) -> None:
+        """Forget a breaker the registry dropped, so the label set stays bounded."""
+        with contextlib.suppress(KeyError):
+            self.breaker_state.remove(key)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,355 @@
+"""The email worker: `email.send` jobs rendered, built and sent over pooled SMTP.
+
+One job is one message to its recipients:
+
+1. recipients are parsed and de-duplicated; one on the suppression list is
+   skipped, and a job with nobody left is ``SUPPRESSED``;
+2. the template and subject are rendered (:mod:`formcraftd.templating`;
+   ``TEMPLATE_ERROR``), attachments are read from inside `attachments_dir`
+   (``ATTACHMENT_ERROR``) and the MIME message is built (:mod:`formcraftd.mime`;
+   header injection is ``VALIDATION_ERROR``) — on the event loop when that is
+   quick, in a worker thread when it is not (see :meth:`EmailHandler._message`);
+3. one SMTP transaction on a kept-open connection (:mod:`formcraftd.smtp_pool`),
+   with an answer per recipient: 2xx accepted; 5xx refused for good (the
+   address goes on the suppression list); 4xx deferred. Deferred recipients
+   are retried *alone* — the retried job carries only them — so nobody gets
+   the mail twice. Every recipient refused with 5xx is ``RECIPIENT_REJECTED``.
+
+Connection problems and 4xx replies to MAIL or DATA are retryable; refused
+credentials are permanent (``AUTH_REVOKED``) and logged as an alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.headerregistry import Address
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from formcraftd.core.config import EmailWorkerConfig
+from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
+from formcraftd.core.events import Emit
+from formcraftd.core.handler import JobContext
+from formcraftd.core.jobs import EmailJob
+from formcraftd.workers.email import mime
+from formcraftd.workers.email.smtp_pool import (
+    IDLE_TIMEOUT_S,
+    Delivery,
+    SmtpError,
+    SmtpPool,
+    SmtpSettings,
+)
+from formcraftd.workers.email.suppression import SuppressionError, SuppressionList
+from formcraftd.workers.email.templating import (
+    RENDER_TIMEOUT_S,
+    RenderDeferred,
+    Rendered,
+    TemplateFailure,
+    TemplateRenderer,
+)
+
+if TYPE_CHECKING:
+    from formcraftd.core.handler import Handler
+
+__all__ = ["EmailHandler", "breaker_key"]
+
+log = logging.getLogger("formcraftd.email")
+
+
+def breaker_key(config: EmailWorkerConfig | SmtpSettings) -> str:
+    """`smtp:<host>:<port>` of the relay (host lowercased, IPv6 in brackets)."""
+    settings = config if isinstance(config, SmtpSettings) else SmtpSettings.from_config(config)
+    return f"smtp:{settings.endpoint}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """What a reload may change, swapped in one assignment."""
+
+    smtp: SmtpSettings
+    concurrency: int
+    sender: Address
+    return_path: str  # with {job_id}; "" = the sender's address
+    attachments_dir: str
+    max_attachment_bytes: int
+    templates_dir: str
+    state_dir: str
+
+    @classmethod
+    def from_config(cls, config: EmailWorkerConfig) -> _Settings:
+        """Validate the addresses too; raises :class:`ConfigError` if one is unusable."""
+        try:
+            sender = mime.parse_address(config.from_address, "from_address")
+            if config.return_path:
+                mime.parse_address(mime.return_path(config.return_path, "0" * 40), "return_path")
+        except mime.HeaderRefused as exc:
+            raise ConfigError(f"workers.email: {exc}") from None
+        return cls(
+            SmtpSettings.from_config(config),
+            config.concurrency,
+            sender,
+            config.return_path,
+            config.attachments_dir,
+            config.max_attachment_bytes,
+            config.templates_dir,
+            config.state_dir,
+        )
+
+    def envelope_sender(self, job_id: str) -> str:
+        if self.return_path:
+            return mime.return_path(self.return_path, job_id)
+        return self.sender.addr_spec
+
+
+@dataclass(frozen=True, slots=True)
+class _Recipient:
+    raw: str  # as the job gave it (a retried job carries these)
+    address: Address
+    key: str  # the suppression list's key
+
+    @property
+    def envelope(self) -> str:
+        return self.address.addr_spec
+
+
+class EmailHandler:
+    """Delivers email jobs through a pool of kept-open SMTP connections."""
+
+    kind = "email"
+    job_type = EmailJob
+    batching = False
+
+    def __init__(
+        self,
+        config: EmailWorkerConfig,
+        *,
+        user_agent: str,
+        emit: Emit | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        render_timeout_s: float = RENDER_TIMEOUT_S,
+    ) -> None:
+        self._settings = _Settings.from_config(config)
+        self._user_agent = user_agent
+        self._render_timeout_s = render_timeout_s
+        self._renderer = TemplateRenderer(config.templates_dir, timeout_s=render_timeout_s)
+        self.pool = SmtpPool(self._settings.smtp, config.concurrency, idle_timeout_s=idle_timeout_s)
+        self.suppression = SuppressionList(config.state_dir)
+
+    async def start(self) -> None:
+        """Open the suppression list and start the connection pool."""
+        await self.suppression.open()
+        await self.pool.start()
+
+    async def aclose(self) -> None:
+        """Close the pool, then the suppression list, logging and continuing on errors."""
+        closers = (("SMTP pool", self.pool.aclose), ("suppression list", self.suppression.aclose))
+        for name, close in closers:
+            try:
+                await close()
+            except Exception:
+                log.exception("closing the %s failed", name)
+
+    def prefetch(self, concurrency: int) -> int:
+        """A second round of jobs ready while one runs."""
+        return concurrency * 2
+
+    def reconfigure(self, config: EmailWorkerConfig) -> None:
+        """Apply a reload: new settings, pool size, and a fresh template cache."""
+        settings = _Settings.from_config(config)
+        renderer = TemplateRenderer(config.templates_dir, timeout_s=self._render_timeout_s)
+        if settings.state_dir != self._settings.state_dir:
+            log.warning("workers.email.state_dir changed; the suppression list moves on restart")
+        self.pool.reconfigure(settings.smtp, settings.concurrency)
+        self._settings, self._renderer = settings, renderer
+
+    def breaker_key(self, job: EmailJob) -> str:
+        """`smtp:<host>:<port>`: every email job goes to the one relay."""
+        return breaker_key(self._settings.smtp)
+
+    async def handle(self, job: EmailJob, ctx: JobContext) -> None:
+        """Send once: return when every recipient is settled, else raise the job's fate."""
+        settings, renderer = self._settings, self._renderer  # one read per job
+        recipients = self._unsuppressed(_recipients(job), ctx)
+        message = await self._message(job, ctx, [r.address for r in recipients], settings, renderer)
+        started = time.monotonic()
+        try:
+            delivery = await self.pool.send(
+                settings.envelope_sender(ctx.job_id), [r.envelope for r in recipients], message
+            )
+        except SmtpError as exc:
+            raise _failure(exc, settings) from None
+        log.debug(
+            "job %s: %d accepted, %d refused by %s in %.0f ms (attempt %d)",
+            ctx.job_id,
+            len(delivery.accepted),
+            len(delivery.refused),
+            settings.smtp.endpoint,
+            (time.monotonic() - started) * 1000,
+            ctx.attempt,
+            extra={"queue": ctx.queue, "job_id": ctx.job_id},
+        )
+        await self._judge(job, ctx, recipients, delivery)
+
+    def _unsuppressed(self, recipients: list[_Recipient], ctx: JobContext) -> list[_Recipient]:
+        """The recipients not on the suppression list; SUPPRESSED when none is left."""
+        suppressed = self.suppression.suppressed(r.key for r in recipients)
+        remaining = [r for r in recipients if r.key not in suppressed]
+        if not remaining:
+            raise PermanentFailure(
+                "SUPPRESSED",
+                f"all {len(recipients)} recipients are on the suppression list",
+                reached_service=False,
+            )
+        if suppressed:
+            log.info(
+                "job %s: skipping %d suppressed recipients",
+                ctx.job_id,
+                len(suppressed),
+                extra={"queue": ctx.queue, "job_id": ctx.job_id},
+            )
+        return remaining
+
+    async def _message(
+        self,
+        job: EmailJob,
+        ctx: JobContext,
+        recipients: Sequence[Address],
+        settings: _Settings,
+        renderer: TemplateRenderer,
+    ) -> bytes:
+        """Render and build the message; raises the job's PermanentFailure if it cannot be.
+
+        The usual job (compiled templates, a quick render, no attachments) is
+        composed right here, which costs less than a trip to a thread. A
+        template to compile, a render that outlasts the inline slice, and any
+        attachment (file reads, base64) go to a worker thread instead.
+        """
+        payload = job.payload
+        try:
+            mime.check_header_text(payload.subject, "subject")
+            args = (payload.template, payload.subject, _context(job))
+            try:
+                rendered = renderer.render(*args, inline=True)
+            except RenderDeferred:
+                rendered = await asyncio.to_thread(renderer.render, *args)
+            if payload.attachments:
+                return await asyncio.to_thread(
+                    self._build, job, ctx, recipients, settings, rendered
+                )
+            return self._build(job, ctx, recipients, settings, rendered)
+        except mime.HeaderRefused as exc:
+            raise PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False) from None
+        except TemplateFailure as exc:
+            raise PermanentFailure("TEMPLATE_ERROR", str(exc), reached_service=False) from None
+        except mime.AttachmentRefused as exc:
+            raise PermanentFailure("ATTACHMENT_ERROR", str(exc), reached_service=False) from None
+
+    def _build(
+        self,
+        job: EmailJob,
+        ctx: JobContext,
+        recipients: Sequence[Address],
+        settings: _Settings,
+        rendered: Rendered,
+    ) -> bytes:
+        """Read the attachments (blocking) and build the MIME message."""
+        limit = settings.max_attachment_bytes
+        attachments = [
+            mime.read_attachment(settings.attachments_dir, item.path, item.filename, limit)
+            for item in job.payload.attachments
+        ]
+        content = mime.Content(rendered.subject, rendered.text, rendered.html, attachments)
+        return mime.build_message(
+            sender=settings.sender,
+            recipients=recipients,
+            content=content,
+            job_id=ctx.job_id,
+            mailer=self._user_agent,
+        )
+
+    async def _judge(
+        self, job: EmailJob, ctx: JobContext, recipients: list[_Recipient], delivery: Delivery
+    ) -> None:
+        """Suppress 5xx recipients; retry the 4xx ones alone; fail if nobody got the mail."""
+        rejected = {rcpt: reply for rcpt, reply in delivery.refused.items() if reply[0] >= 500}
+        deferred = {rcpt: reply for rcpt, reply in delivery.refused.items() if reply[0] < 500}
+        for rcpt, (code, text) in rejected.items():
+            await self._suppress(rcpt, code, text, ctx)
+        if deferred:
+            retried = [r.raw for r in recipients if r.envelope in deferred]
+            code, text = next(iter(deferred.values()))
+            payload = msgspec.structs.replace(job.payload, to=retried)
+            raise RetryLater(
+                f"{len(deferred)} of {len(recipients)} recipients deferred ({code} {text});"
+                " retrying only those",
+                status=code,
+                replacement=msgspec.structs.replace(job, payload=payload),
+                counts_for_breaker=False,  # the relay answered: greylisting is not an outage
+            )
+        if not delivery.accepted:
+            code, text = next(iter(rejected.values()))
+            raise PermanentFailure(
+                "RECIPIENT_REJECTED",
+                f"all {len(rejected)} recipients refused ({code} {text})",
+                status=code,
+            )
+
+    async def _suppress(self, rcpt: str, code: int, text: str, ctx: JobContext) -> None:
+        log.warning(
+            "%s refused with %d (%s); adding it to the suppression list",
+            rcpt,
+            code,
+            text,
+            extra={"queue": ctx.queue, "job_id": ctx.job_id, "status": code},
+        )
+        try:
+            await self.suppression.add(rcpt, reason=f"{code} {text}", status=code, source="smtp")
+        except (SuppressionError, ValueError) as exc:
+            log.error("could not suppress %s: %s", rcpt, exc)
+
+
+def _recipients(job: EmailJob) -> list[_Recipient]:
+    """The job's recipients, parsed, in order, without duplicates; VALIDATION_ERROR if bad."""
+    unique: dict[str, _Recipient] = {}
+    for raw in job.payload.to:
+        try:
+            address = mime.parse_address(raw)
+        except mime.HeaderRefused as exc:
+            raise PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False) from None
+        key = mime.address_key(address)
+        unique.setdefault(key, _Recipient(raw, address, key))
+    return list(unique.values())
+
+
+def _context(job: EmailJob) -> dict[str, Any]:
+    """What templates see: `data`, `form_id`, `submission_id` (and `subject`, once rendered)."""
+    return {
+        "data": job.payload.data,
+        "form_id": job.metadata.form_id,
+        "submission_id": job.metadata.submission_id,
+    }
+
+
+def _failure(exc: SmtpError, settings: _Settings) -> PermanentFailure | RetryLater:
+    if exc.auth:
+        log.error(
+            "SMTP authentication failed at %s: %s",
+            settings.smtp.endpoint,
+            exc.reason,
+            extra={"alert": "smtp_auth_failed", "status": exc.status},
+        )
+        return PermanentFailure("AUTH_REVOKED", exc.reason, status=exc.status)
+    if exc.transient:
+        return RetryLater(exc.reason, status=exc.status)
+    return PermanentFailure("RECIPIENT_REJECTED", exc.reason, status=exc.status)
+
+
+if TYPE_CHECKING:
+
+    def _conforms(handler: EmailHandler) -> Handler[EmailJob]:
+        return handler
