@@ -201,14 +201,13 @@ class Daemon:
         await handler.start()
         self._closers.append((f"{kind} handler", handler.aclose))
         prefetch = handler.prefetch(worker.concurrency)
-        channel = await self.broker.channel(prefetch=prefetch)
         self.kinds[worker.queue] = kind
         consumer = self.consumers[worker.queue] = Consumer(
             kind=kind,
             worker=worker,
             topology=topology,
             handler=handler,
-            channel=channel,
+            broker=self.broker,
             breakers=self.breakers,
             breaker_config=self.config.breaker,
             daemon_config=self.config.daemon,

@@ -14,7 +14,7 @@ is acked on its own at the next flush but one, so a slow job never holds the
 rest of the prefetch window. The delay only postpones the ack: the outcome
 (the webhook sent, the retry or dead letter confirmed) is already done, and a
 delivery whose ack is lost with its channel is recognised as settled when it
-comes back (:mod:`formcraftd.settled`). A ``basic.ack`` with ``multiple``
+comes back (:mod:`formcraftd.amqp.settled`). A ``basic.ack`` with ``multiple``
 must name a tag the broker still holds, and must never cover a delivery that
 is not settled; both are kept below.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import enum
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -35,8 +36,14 @@ log = logging.getLogger("formcraftd.consumer")
 
 FLUSH_DELAY_S = 0.01  # how long a settled delivery may wait for its neighbours
 
-_SENT = False  # the delivery's ack or nack is on the wire (or its channel is gone)
-_DUE = True  # settled, ack not sent yet
+
+
+class Settled(enum.Enum):
+    """Where a settled delivery's ack stands."""
+
+    DUE = "due"  # settled, ack not sent yet
+    SENT = "sent"  # the ack or nack is on the wire (or its channel is gone)
+
 
 
 class Delivery:
@@ -94,9 +101,9 @@ class _Window:
     def __init__(self, channel: AbstractChannel) -> None:
         self.channel = channel
         self.outstanding: deque[int] = deque()  # tracked tags, oldest first
-        self.state: dict[int, bool] = {}  # settled tags still in `outstanding`: _DUE or _SENT
-        self.due = 0  # how many of them are _DUE
-        self.held: set[int] = set()  # _DUE tags a flush already had to leave behind
+        self.state: dict[int, Settled] = {}  # settled tags still in `outstanding`
+        self.due = 0  # how many of them are DUE
+        self.held: set[int] = set()  # DUE tags a flush already had to leave behind
 
     def track(self, tag: int) -> None:
         outstanding = self.outstanding
@@ -111,7 +118,7 @@ class _Window:
         upto = 0
         while outstanding and outstanding[0] in state:
             tag = outstanding.popleft()
-            if state.pop(tag):
+            if state.pop(tag) is Settled.DUE:
                 upto = tag
                 self.due -= 1
         return upto
@@ -151,7 +158,7 @@ class Acks:
     def ack(self, delivery: Delivery) -> None:
         """Settle `delivery` with an ack, sent by the next flush."""
         window = self._window_of(delivery.channel)
-        window.state[delivery.tag] = _DUE
+        window.state[delivery.tag] = Settled.DUE
         window.due += 1
         self._due += 1
         self._wanted.set()
@@ -174,7 +181,7 @@ class Acks:
                 log.debug("nack of delivery %d failed: %s", delivery.tag, exc)
                 return False
             finally:
-                window.state[delivery.tag] = _SENT
+                window.state[delivery.tag] = Settled.SENT
         return True
 
     async def run(self) -> None:
@@ -215,10 +222,10 @@ class Acks:
             held = window.held
             window.held = set()
             for tag, state in window.state.items():
-                if state is _DUE:
+                if state is Settled.DUE:
                     if everything or tag in held:
                         sends.append((tag, False))
-                        window.state[tag] = _SENT
+                        window.state[tag] = Settled.SENT
                         window.due -= 1
                     else:
                         window.held.add(tag)

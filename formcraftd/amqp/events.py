@@ -19,12 +19,13 @@ import os
 import time
 
 import aio_pika
-import aiormq
 import msgspec
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel
+from aiormq.abc import AbstractChannel as AmqpChannel
 from pamqp.commands import Basic
 from prometheus_client import Counter
 
+from formcraftd.amqp.connection import Broker
 from formcraftd.core.config import BrokerConfig, EventsConfig
 from formcraftd.core.events import Event, routing_key
 
@@ -49,15 +50,14 @@ class EventPublisher:
 
     def __init__(self, config: EventsConfig, broker: BrokerConfig, dropped: Counter) -> None:
         self._config = config
-        self._broker = broker
         self._dropped = dropped
         # at most BUFFER_SIZE events wait; a deque, as `emit()` runs once per attempt and
         # an asyncio.Queue would wake its getter (and count unfinished tasks) every time
         self._buffer: collections.deque[Event] = collections.deque()
         self._wakeup: asyncio.Future[None] | None = None  # what `run()` awaits while parked
         self._parked = True  # `run()` waits for an event (or has not started)
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None  # the exchange is declared on it
+        self._broker = Broker(broker, name="formcraftd events")
+        self._channel: AbstractChannel | None = None  # the exchange is declared on it
         self._last_warning = -DROP_WARNING_INTERVAL_S
         self._dropped_since_warning = 0
         self._idle = asyncio.Event()  # set while nothing waits to be published
@@ -107,10 +107,9 @@ class EventPublisher:
                     batch = [buffer.popleft() for _ in range(BATCH_SIZE)]
                 await self._publish(batch)
         finally:
-            if self._connection is not None:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                        await self._connection.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._broker.aclose()
 
     async def drained(self) -> None:
         """Return once every buffered event has been published (or dropped)."""
@@ -184,37 +183,28 @@ class EventPublisher:
         self._dropped_since_warning = 0
         self._last_warning = now
 
-    async def _ensure_channel(self) -> aiormq.Channel:
+    async def _ensure_channel(self) -> AmqpChannel:
         """The confirming channel to publish on, connecting and declaring the exchange first.
 
-        The connection is robust: after a loss it reconnects by itself and restores the
-        channel and the exchange on it, which this waits for (within the batch's timeout).
+        The connection is the publisher's own :class:`Broker`, which reconnects by
+        itself, round the node list; this waits for it (within the batch's timeout)
+        and opens a channel again when the one it had is gone.
         """
-        if self._connection is None:
-            url = self._broker.url.split(",")[0].strip()
-            self._connection = await aio_pika.connect_robust(
-                url, client_properties={"connection_name": "formcraftd events"}
-            )
-        await self._connection.ready()
-        if self._channel is None:
-            channel = await self._connection.channel(publisher_confirms=True)
+        self._broker.start()
+        connection = await self._broker.ready()
+        if self._channel is None or self._channel.is_closed:
+            channel = await connection.channel(publisher_confirms=True)
             try:
                 await channel.declare_exchange(
                     self._config.exchange, aio_pika.ExchangeType.TOPIC, durable=True
                 )
             except Exception:
-                # the broker closed it (a robust channel would reopen it): close it for good
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(CLOSE_TIMEOUT_S):
                         await channel.close()
                 raise
             self._channel = channel
-        # after a reconnect the connection is ready before its channels are restored
-        await self._channel.ready()
-        underlay = await self._channel.get_underlay_channel()
-        if not isinstance(underlay, aiormq.Channel):  # aio-pika hands out aiormq channels
-            raise TypeError(f"unexpected AMQP channel {type(underlay).__name__}")
-        return underlay
+        return await self._channel.get_underlay_channel()
 
     async def _forget_channel(self) -> None:
         """Close a channel the broker closed (e.g. the exchange was deleted under it)."""

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from formcraftd.amqp.acks import Delivery
 from formcraftd.amqp.topology import retry_queue_name
@@ -69,15 +69,22 @@ def carried_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
 class Republisher:
     """Confirmed, mandatory publishes for one queue's consumer."""
 
-    def __init__(self, channel: AbstractRobustChannel, queue: str) -> None:
+    def __init__(
+        self, channel: AbstractChannel, queue: str, dead_letter_exchange: AbstractExchange
+    ) -> None:
         self._channel = channel
         self._queue = queue
-        self._dead_letter_exchange: AbstractExchange | None = None
+        self._dead_letter_exchange = dead_letter_exchange
 
-    async def declare(self, dead_letter_exchange: str) -> None:
-        self._dead_letter_exchange = await self._channel.declare_exchange(
+    @classmethod
+    async def open(
+        cls, channel: AbstractChannel, queue: str, dead_letter_exchange: str
+    ) -> Republisher:
+        """A republisher on `channel` (which has publisher confirms and mandatory returns)."""
+        exchange = await channel.declare_exchange(
             dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
+        return cls(channel, queue, exchange)
 
     async def to_tier(
         self,
@@ -122,7 +129,6 @@ class Republisher:
         )
         if failure.status is not None:
             headers["x-formcraft-last-status"] = failure.status
-        assert self._dead_letter_exchange is not None, "declare() first"
         await self._dead_letter_exchange.publish(
             _outgoing(message, job_id, message.body, headers),
             routing_key=self._queue,

@@ -14,7 +14,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractRobustChannel, AbstractRobustQueue
+from aio_pika.abc import AbstractChannel
 
 from formcraftd.core.config import AnyWorkerConfig, BrokerConfig
 from formcraftd.core.errors import TopologyError
@@ -140,21 +140,13 @@ async def delete_topology(channel: AbstractChannel, topology: WorkerTopology) ->
     await channel.exchange_delete(topology.dead_letter_exchange)
 
 
-async def declare_consumer_queue(
-    channel: AbstractRobustChannel, spec: QueueSpec
-) -> AbstractRobustQueue:
-    """The main queue on a consumer's own channel (restored with it on reconnect)."""
-    queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
-    assert isinstance(queue, AbstractRobustQueue)
-    return queue
+async def declare_consumer_queue(channel: AbstractChannel, spec: QueueSpec) -> None:
+    """Declare the main queue on a consumer's own channel (again after a reconnect)."""
+    await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
 
 
 async def queue_depth(channel: AbstractChannel, name: str) -> int:
-    """Ready messages in queue `name`, from a fresh passive declare.
-
-    A robust channel answers passive `declare_queue` calls from its cache, with
-    the count of the first declaration; this asks the broker every time.
-    """
+    """Ready messages in queue `name`, from a passive declare (the broker answers each time)."""
     underlay = await channel.get_underlay_channel()
     result = await underlay.queue_declare(name, passive=True)
     return int(result.message_count or 0)

@@ -2,7 +2,7 @@
 
 A :class:`CircuitBreaker` counts consecutive failures of one service (a key such
 as ``webhook:example.com:443``). At `failure_threshold` it opens: callers get
-:class:`~formcraftd.errors.BreakerOpen` and the consumer delays their jobs without
+:class:`~formcraftd.core.errors.BreakerOpen` and the consumer delays their jobs without
 spending a try. After `reset_timeout_s` it lets exactly one probe through
 (half-open); the probe's outcome closes it or opens it again.
 

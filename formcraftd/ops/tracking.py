@@ -159,7 +159,7 @@ def close(timeout: float = 2.0) -> None:
     """Send what is queued (waiting up to `timeout` s) and stop the Sentry client.
 
     Blocking: from the event loop, run it in a thread. The next
-    :func:`formcraftd.logs.configure` with a DSN starts a new client.
+    :func:`formcraftd.ops.logs.configure` with a DSN starts a new client.
     """
     if HAVE_SENTRY:
         sentry_sdk.get_client().close(timeout=timeout)

@@ -1,4 +1,4 @@
-"""Tests of formcraftd.config: defaults, the shipped file, environment, errors, masking."""
+"""Tests of formcraftd.core.config: defaults, the shipped file, environment, errors, masking."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of formcraftd.jobs: the seed's job shapes, validation, job ids and schemas."""
+"""Tests of formcraftd.core.jobs: the seed's job shapes, validation, job ids and schemas."""
 
 from __future__ import annotations
 

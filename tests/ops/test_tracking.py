@@ -1,4 +1,4 @@
-"""Tests of formcraftd.tracking: reports reach a Sentry ingest with job context and no secret."""
+"""Error tracking: reports reach a Sentry ingest with job context and no secret."""
 
 from __future__ import annotations
 

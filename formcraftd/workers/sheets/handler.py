@@ -14,7 +14,7 @@ Each call first takes a token from the refresh token's bucket
 (`requests_per_minute_per_user`) and from the process's bucket
 (`requests_per_minute`), then holds the queue's concurrency slot only while
 the request is on the wire. Access tokens come from
-:class:`~formcraftd.google_auth.TokenCache` (refreshed ahead of expiry or after a
+:class:`~formcraftd.workers.sheets.google_auth.TokenCache` (refreshed ahead of expiry or after a
 401, once per refresh token). 429, 5xx and network errors are retried, with
 ``Retry-After`` honoured and the buckets paused; 400/403/404 dead-letter the
 jobs as ``SHEETS_REQUEST_REJECTED``.
