@@ -91,6 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = args.config or config.default_path()
     cfg = config.load(path)
+    if cfg.logging.config_file:
+        logs.apply_config_file(cfg.logging.config_file)
     logs.configure(cfg.logging)
     try:
         uvloop.run(run_daemon(cfg, config_path=path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -54,6 +55,7 @@ class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     format: Literal["json", "console"] = "json"
     sentry_dsn: str = ""
     debug_workers: tuple[str, ...] = ()  # from DEBUG=workers:<kind>; "*" = all
+    config_file: str = ""  # extra handlers: a logging.config.dictConfig file (JSON or TOML)
 
 
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -332,7 +334,27 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         state_dir=resolve(email.state_dir),
     )
     workers = msgspec.structs.replace(config.workers, email=email)
-    return msgspec.structs.replace(config, workers=workers)
+    logging = msgspec.structs.replace(
+        config.logging, config_file=resolve(config.logging.config_file)
+    )
+    return msgspec.structs.replace(config, workers=workers, logging=logging)
+
+
+def logging_dict_config(path: str) -> dict[str, Any]:
+    """The `logging.config_file` document: a dictConfig schema (version 1), JSON or TOML."""
+    where = f"key logging.config_file: {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{where}: cannot read it: {reason}") from None
+    try:
+        document: object = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{where}: invalid {Path(path).suffix or 'TOML'}: {exc}") from None
+    if not isinstance(document, dict) or document.get("version") != 1:
+        raise ConfigError(f"{where}: expected a logging.config.dictConfig table with version = 1")
+    return document
 
 
 def _check_cross_fields(config: Config, source: str) -> None:
@@ -395,7 +417,10 @@ def parse_document(
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, source, environ)) from None
     _check_cross_fields(config, source)
-    return _resolve_paths(config, base_dir or Path.cwd())
+    config = _resolve_paths(config, base_dir or Path.cwd())
+    if config.logging.config_file:
+        logging_dict_config(config.logging.config_file)
+    return config
 
 
 def load(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:

@@ -31,6 +31,7 @@ RESTART_ONLY = (
     "http.port",
     "events.",
     "logging.sentry_dsn",
+    "logging.config_file",
     "workers.*.enabled",
     "workers.*.queue",
     "workers.*.dead_letter_exchange",

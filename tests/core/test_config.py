@@ -499,3 +499,23 @@ def test_config_objects_are_frozen() -> None:
         loaded.workers.email.concurrency = 1  # type: ignore[misc]
     with pytest.raises(AttributeError):
         loaded.workers.webhook.retry.attempts = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (None, "cannot read it"),
+        ("version = 2\n", "version = 1"),
+        ("[not toml", "invalid"),
+    ],
+)
+def test_a_logging_config_file_is_checked_when_the_config_is_read(
+    tmp_path: Path, text: str | None, reason: str
+) -> None:
+    """check-config, run and a reload refuse a logging.config_file they cannot use."""
+    if text is not None:
+        (tmp_path / "logging.toml").write_text(text)
+    path = tmp_path / "config.toml"
+    path.write_text('[logging]\nconfig_file = "logging.toml"\n')
+    with pytest.raises(ConfigError, match=f"logging.config_file: .*{reason}"):
+        config.load(path, environ={})

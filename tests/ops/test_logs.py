@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ import pytest
 
 from formcraftd.core import config
 from formcraftd.core.config import LoggingConfig
+from formcraftd.core.errors import ConfigError
 from formcraftd.ops import logs
 from formcraftd.ops.logs.handler import BUFFER_CHARS, FLUSH_DELAY_S
 
@@ -442,3 +444,51 @@ def test_waiting_lines_are_written_at_exit() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
     )
     assert orjson.loads(result.stdout)["msg"] == "last words"
+
+
+# --- handlers of one's own --------------------------------------------------------------
+
+
+def test_a_logging_config_file_adds_a_redacting_handler(
+    tmp_path: Path, stream: io.StringIO
+) -> None:
+    """A dictConfig file's root handler gets formcraftd's records, secrets masked."""
+    out = tmp_path / "extra.log"
+    config_file = tmp_path / "logging.toml"
+    config_file.write_text(
+        textwrap.dedent(
+            f"""
+            version = 1
+            [filters.redact]
+            "()" = "formcraftd.ops.logs.RedactingFilter"
+            [handlers.file]
+            class = "logging.FileHandler"
+            filename = "{out}"
+            filters = ["redact"]
+            [root]
+            handlers = ["file"]
+            """
+        )
+    )
+    root_handlers = list(logging.root.handlers)
+    try:
+        logs.apply_config_file(str(config_file))
+        logs.configure(LoggingConfig(), stream=stream)
+        logging.getLogger("formcraftd.consumer").warning("password=hunter2 sent")
+        logs.flush()
+    finally:
+        for handler in logging.root.handlers[:]:
+            if handler not in root_handlers:
+                logging.root.removeHandler(handler)
+                handler.close()
+    assert out.read_text().strip() == "password=*** sent"
+    [line] = lines(stream)
+    assert line["msg"] == "password=*** sent"
+
+
+def test_a_broken_logging_config_file_is_a_config_error(tmp_path: Path) -> None:
+    """A handler class that does not exist is one ConfigError naming the key."""
+    config_file = tmp_path / "logging.json"
+    config_file.write_text('{"version": 1, "handlers": {"x": {"class": "no.such.Handler"}}}')
+    with pytest.raises(ConfigError, match=r"logging\.config_file"):
+        logs.apply_config_file(str(config_file))

@@ -3,10 +3,11 @@
 Everything goes through the standard :mod:`logging` machinery: :func:`configure`
 installs one :class:`StdoutHandler` with a :class:`JsonFormatter` (or
 :class:`ConsoleFormatter`) on the ``formcraftd`` logger and on the library
-loggers whose warnings matter, and sets the levels; an operator may add
-handlers of their own with standard logging configuration and give them
-:class:`RedactingFilter`. Structured fields travel in ``extra``: an allowlisted
-key directly (``extra={"queue": q, "job_id": job_id}``) or
+loggers whose warnings matter, and sets the levels. An operator may add handlers
+of their own with standard logging configuration (``logging.config_file``, a
+``logging.config.dictConfig`` document, see :func:`apply_config_file`) and give
+them :class:`RedactingFilter`. Structured fields travel in ``extra``: an
+allowlisted key directly (``extra={"queue": q, "job_id": job_id}``) or
 ``extra={"fields": {...}}``.
 """
 
@@ -18,7 +19,7 @@ from formcraftd.ops.logs.formatters import (
     record_fields,
 )
 from formcraftd.ops.logs.handler import StdoutHandler
-from formcraftd.ops.logs.setup import ROOT_LOGGER, configure, flush, reset
+from formcraftd.ops.logs.setup import ROOT_LOGGER, apply_config_file, configure, flush, reset
 
 __all__ = [
     "FIELDS",
@@ -27,6 +28,7 @@ __all__ = [
     "JsonFormatter",
     "RedactingFilter",
     "StdoutHandler",
+    "apply_config_file",
     "configure",
     "flush",
     "record_fields",

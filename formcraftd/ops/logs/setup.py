@@ -9,11 +9,14 @@ Handlers an operator added stay as they are.
 from __future__ import annotations
 
 import logging
+import logging.config
 import re
 from collections.abc import Iterable
 from typing import Final, TextIO
 
-from formcraftd.core.config import LoggingConfig
+from formcraftd.core.config import LoggingConfig, logging_dict_config
+from formcraftd.core.errors import ConfigError
+from formcraftd.core.text import one_line
 from formcraftd.ops import tracking
 from formcraftd.ops.logs.formatters import ConsoleFormatter, JsonFormatter
 from formcraftd.ops.logs.handler import StdoutHandler
@@ -99,6 +102,21 @@ def configure(config: LoggingConfig, *, stream: TextIO | None = None) -> None:
 
     if config.sentry_dsn:
         tracking.start(config.sentry_dsn)
+
+
+def apply_config_file(path: str) -> None:
+    """Add the handlers of a `logging.config_file` (dictConfig) beside formcraftd's own.
+
+    Applied once at start, before :func:`configure`: existing loggers stay
+    enabled, and handlers it puts on the root logger get every formcraftd
+    record (they propagate). Give them :class:`RedactingFilter`.
+    """
+    document = dict(logging_dict_config(path))
+    document["disable_existing_loggers"] = False
+    try:
+        logging.config.dictConfig(document)
+    except (ValueError, TypeError, AttributeError, ImportError) as exc:
+        raise ConfigError(f"key logging.config_file: {path}: {one_line(exc)}") from None
 
 
 def reset() -> None:
