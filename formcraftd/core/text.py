@@ -13,6 +13,8 @@ def one_line(value: object, limit: int = REASON_CHARS) -> str:
     return " ".join(str(value).split())[:limit]
 
 
+# ".000" to ".999", looked up rather than formatted for every line and event.
+_MILLIS = tuple(f".{n:03d}" for n in range(1000))
 # The last second formatted and its text, as one tuple so that threads never
 # read the text of one second paired with another.
 _last_second: tuple[int, str] = (-1, "")
@@ -31,7 +33,7 @@ def utc_timestamp(instant: float, zone: str = "Z") -> str:
     if cached != second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _last_second = (second, text)
-    return f"{text}.{int((instant - second) * 1000):03d}{zone}"
+    return text + _MILLIS[int((instant - second) * 1000)] + zone
 
 
 def utc_now() -> str:

@@ -45,12 +45,13 @@ def test_the_secret_precheck_agrees_with_a_case_insensitive_search(text: str) ->
 
     Long s, dotless i and the Kelvin sign match "s", "i" and "k" case-insensitively.
     """
-    assert redaction._maybe_secret(text) == (redaction._MAYBE_SECRET.search(text) is not None)
+    expected = redaction._MAYBE_SECRET.search(text) is not None
+    assert redaction.might_contain_secret(text) == expected
 
 
 def redact_with_every_pattern(text: str) -> str:
     """redact() as it was before each pattern got its own pre-check: all four, in order."""
-    if not redaction._maybe_secret(text):
+    if not redaction.might_contain_secret(text):
         return text
     text = redaction._URL_PASSWORD.sub(r"\g<head>:***@", text)
     text = redaction._WHSEC.sub("whsec_***", text)
@@ -88,7 +89,7 @@ def test_redact_runs_only_the_patterns_it_needs_to_the_same_effect(text: str) ->
 )
 def test_the_secret_precheck_finds_words_in_any_case(text: str) -> None:
     """Upper case and the non-ASCII case matches of IGNORECASE all count as secret words."""
-    assert redaction._maybe_secret(text)
+    assert redaction.might_contain_secret(text)
 
 
 @pytest.mark.parametrize(

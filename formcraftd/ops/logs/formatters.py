@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import orjson
 
-from formcraftd.core.redaction import redact
+from formcraftd.core.redaction import might_contain_secret, redact
 from formcraftd.core.text import one_line, utc_timestamp
 
 #: Attributes a call site may set directly in ``extra=`` to have them logged.
@@ -36,7 +36,11 @@ _EXCEPTION_CHARS: Final = 1000
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The structured fields of `record`: allowlisted extras, then ``extra["fields"]``."""
+    """The structured fields of `record`, redacted: allowlisted extras, then ``extra["fields"]``."""
+    return _redacted(record.getMessage(), _fields(record))[1]
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     attributes = record.__dict__
     for name in FIELDS:
@@ -47,7 +51,17 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     if isinstance(extra, dict):
         for name, value in extra.items():
             fields[f"field_{name}" if name in _RESERVED else str(name)] = value
-    return {name: redact(v) if isinstance(v, str) else v for name, v in fields.items()}
+    return fields
+
+
+def _redacted(message: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`message` and the string `fields` redacted; one search when there is nothing to mask."""
+    strings = [value for value in fields.values() if isinstance(value, str)]
+    if not might_contain_secret("\n".join([message, *strings]) if strings else message):
+        return message, fields
+    return redact(message), {
+        name: redact(value) if isinstance(value, str) else value for name, value in fields.items()
+    }
 
 
 def _wants_traceback(record: logging.LogRecord) -> bool:
@@ -67,13 +81,14 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """Render `record` as one line of JSON (newlines in values are escaped)."""
+        message, fields = _redacted(record.getMessage(), _fields(record))
         line: dict[str, Any] = {
             "ts": self.formatTime(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": redact(record.getMessage()),
+            "msg": message,
         }
-        line.update(record_fields(record))
+        line.update(fields)
         summary = _exception_summary(record)
         if summary is not None:
             line["exc_type"], line["exc"] = summary
@@ -92,10 +107,9 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render `record` as one readable line (a traceback follows at debug level)."""
         clock = time.strftime("%H:%M:%S", time.localtime(record.created))
-        parts = [f"{clock} {record.levelname:<5} {record.name}: {redact(record.getMessage())}"]
-        parts.extend(
-            f"{name}={_console_value(value)}" for name, value in record_fields(record).items()
-        )
+        message, fields = _redacted(record.getMessage(), _fields(record))
+        parts = [f"{clock} {record.levelname:<5} {record.name}: {message}"]
+        parts.extend(f"{name}={_console_value(value)}" for name, value in fields.items())
         summary = _exception_summary(record)
         if summary is not None:
             parts.append(f"exc={summary[0]}: {summary[1]}")
