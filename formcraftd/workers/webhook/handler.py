@@ -28,6 +28,7 @@ from formcraftd.core.events import Emit
 from formcraftd.core.handler import Delivered, JobContext
 from formcraftd.core.jobs import WebhookJob
 from formcraftd.core.retry import parse_retry_after
+from formcraftd.core.text import one_line
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
 from formcraftd.workers.webhook.request import WebhookRequest, encode_body, payload_headers
 from formcraftd.workers.webhook.signing import signer_for, webhook_id
@@ -322,7 +323,7 @@ def _snippet(head: bytes, sensitive: tuple[str, ...]) -> str:
     for secret in sensitive:
         if secret:
             text = text.replace(secret, "[redacted]")
-    return " ".join(text.split())[:_SNIPPET_CHARS]
+    return one_line(text, _SNIPPET_CHARS)
 
 
 if TYPE_CHECKING:
