@@ -343,6 +343,8 @@ def micro() -> None:
     from formcraftd.ops.metrics import Metrics  # noqa: PLC0415
     from formcraftd.ops.reporting import Attempt, delivery_event, log_attempt  # noqa: PLC0415
     from formcraftd.workers import webhook  # noqa: PLC0415
+    from formcraftd.workers.webhook import handler as webhook_handler  # noqa: PLC0415
+    from formcraftd.workers.webhook import request, signing, targets  # noqa: PLC0415
 
     body = job_body("http://127.0.0.1:8080/hook", 1)
     job: Any = jobs.decode(body)
@@ -382,25 +384,25 @@ def micro() -> None:
 
     def build() -> Callable[[], object]:
         handler = webhook.WebhookHandler(worker, user_agent="formcraftd/bench")
-        policy = webhook._Settings.from_config(worker).policy
+        policy = webhook_handler._Settings.from_config(worker).policy
         return lambda: handler._build(job, ctx, policy)
 
     case("WebhookHandler._build (URL checks, signing, headers)")(build)
-    key = webhook.signing_key(job.payload.secret)
-    signed = webhook.encode_body(job.payload.body)
-    case("  sign(): both HMACs")(lambda: lambda: webhook.sign(key, "msg_x", 1, signed))
+    key = signing.signing_key(job.payload.secret)
+    signed = request.encode_body(job.payload.body)
+    case("  sign(): both HMACs")(lambda: lambda: signing.sign(key, "msg_x", 1, signed))
     case("    hmac.new(key, body, 'sha256').hexdigest()")(
         lambda: lambda: hmac.new(key, signed, "sha256").hexdigest()
     )
     case("    hmac.digest(key, body, 'sha256').hex()")(
         lambda: lambda: hmac.digest(key, signed, "sha256").hex()
     )
-    case("  webhook_id() (sha256)")(lambda: lambda: webhook.webhook_id(ctx.job_id, "u"))
+    case("  webhook_id() (sha256)")(lambda: lambda: signing.webhook_id(ctx.job_id, "u"))
     case("  signing_key() (base64; the handler keeps one HMAC per secret)")(
-        lambda: lambda: webhook.signing_key(job.payload.secret)
+        lambda: lambda: signing.signing_key(job.payload.secret)
     )
     case("breaker_key(url) (parsed once per URL)")(
-        lambda: lambda: webhook.breaker_key(job.payload.url)
+        lambda: lambda: targets.breaker_key(job.payload.url)
     )
     case("hashlib.sha256 of a job id, for scale")(
         lambda: lambda: hashlib.sha256(ctx.job_id.encode()).digest()

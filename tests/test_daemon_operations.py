@@ -16,7 +16,7 @@ from aiohttp import web
 
 from formcraftd.daemon import Daemon
 from formcraftd.ops.http import bound_port
-from formcraftd.workers.webhook.handler import webhook_id
+from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
 from tests.support.process import free_port, run_cli, spawn, wait_exit, wait_healthy, write_config

@@ -13,50 +13,52 @@ the redelivery, or this one restarted) delivery stays at least once.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
+
+from cachetools import TTLCache
+
+_Key = tuple[str, int]
 
 
 class SettledDeliveries:
-    """(job id, tries before) pairs settled in the last `window_s` seconds, at most `size`."""
+    """(job id, tries before) pairs settled in the last `window_s` seconds, at most `size`.
+
+    `size` 0 turns the memory off. Past `size` entries the oldest settled go first.
+    """
 
     def __init__(
         self, *, window_s: float, size: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._window_s = window_s
-        self._size = size
         self._clock = clock
-        self._entries: OrderedDict[tuple[str, int], float] = OrderedDict()
+        # The value is when the delivery was settled, which a rebuild needs.
+        self._entries: TTLCache[_Key, float] = TTLCache(size, window_s, timer=clock)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def reconfigure(self, *, window_s: float, size: int) -> None:
-        self._window_s = window_s
-        self._size = size
-        self._trim(self._clock())
+        """Apply a new window and size; entries still inside the new window are kept.
 
-    def add(self, job_id: str, tries_before: int) -> None:
-        if self._size == 0:
+        A kept entry's window restarts with the rebuild (a cache's entries all
+        share one time-to-live), so it is forgotten within twice the window.
+        """
+        old = self._entries
+        if old.ttl == window_s and old.maxsize == size:
             return
         now = self._clock()
-        key = (job_id, tries_before)
-        self._entries[key] = now
-        self._entries.move_to_end(key)
-        self._trim(now)
+        # Oldest first, so a smaller size keeps the newest.
+        kept = sorted(
+            (settled_at, key) for key, settled_at in old.items() if now < settled_at + window_s
+        )
+        self._entries = TTLCache(size, window_s, timer=self._clock)
+        if size:
+            for settled_at, key in kept:
+                self._entries[key] = settled_at
 
-    def __contains__(self, key: tuple[str, int]) -> bool:
-        settled_at = self._entries.get(key)
-        if settled_at is None:
-            return False
-        if self._clock() - settled_at > self._window_s:
-            del self._entries[key]
-            return False
-        return True
+    def add(self, job_id: str, tries_before: int) -> None:
+        """Remember that this delivery of the job was settled."""
+        if self._entries.maxsize:
+            self._entries[job_id, tries_before] = self._clock()
 
-    def _trim(self, now: float) -> None:
-        entries = self._entries
-        while entries and (
-            len(entries) > self._size or now - next(iter(entries.values())) > self._window_s
-        ):
-            entries.popitem(last=False)
+    def __contains__(self, key: _Key) -> bool:
+        return key in self._entries

@@ -29,7 +29,7 @@ from aiohttp import web
 from formcraftd.amqp.connection import Broker as DaemonBroker
 from formcraftd.amqp.topology import WorkerTopology
 from formcraftd.core.errors import TopologyError
-from formcraftd.workers.webhook.handler import webhook_id
+from formcraftd.workers.webhook.signing import webhook_id
 from tests.cluster.cluster import RabbitCluster, unavailable_reason
 from tests.support import Names, make_config, webhook_job
 from tests.support.process import free_port, wait_exit, wait_healthy

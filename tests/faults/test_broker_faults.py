@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from formcraftd.daemon import Daemon
-from formcraftd.workers.webhook.handler import webhook_id
+from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, HealthWatch, Names, make_config, webhook_job
 

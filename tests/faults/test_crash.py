@@ -11,7 +11,7 @@ from aiohttp import web
 
 from formcraftd.amqp.connection import Broker as DaemonBroker
 from formcraftd.amqp.topology import WorkerTopology
-from formcraftd.workers.webhook.handler import webhook_id
+from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
 from tests.support.process import free_port, spawn, wait_exit, wait_healthy, write_config

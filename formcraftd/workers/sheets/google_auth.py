@@ -19,13 +19,13 @@ import hashlib
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import msgspec
+from cachetools import LRUCache
 
 from formcraftd.core.errors import JobFailure, PermanentFailure, RetryLater
 from formcraftd.core.retry import parse_retry_after
@@ -133,9 +133,9 @@ class TokenCache:
         self.client = client
         self.on_refreshed: RefreshListener | None = None
         self.refreshes = 0  # token requests sent, for tests and the benchmark
-        self._max_entries = max_entries
         self._clock_ms = clock_ms
-        self._cache: OrderedDict[str, AccessToken] = OrderedDict()
+        # At most max_entries tokens; reading one marks it recently used.
+        self._cache: LRUCache[str, AccessToken] = LRUCache(max_entries)
         self._flights: dict[str, _Flight] = {}
 
     def __len__(self) -> int:
@@ -175,14 +175,11 @@ class TokenCache:
         cached = self._cache.get(key)
         if cached is None or (offered.value and offered.expiry_ms > cached.expiry_ms):
             return offered
-        self._cache.move_to_end(key)
         return cached
 
     def _store(self, key: str, token: AccessToken) -> None:
-        self._cache[key] = token
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
+        if self._cache.maxsize:  # a cache of size 0 holds nothing (and refuses to)
+            self._cache[key] = token
 
     async def _refresh(
         self,

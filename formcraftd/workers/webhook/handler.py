@@ -4,32 +4,23 @@ A job is one request (Standard Webhooks signing, no redirects, a bounded
 response read). 2xx returns; network errors, timeouts, 408/425/429 and 5xx
 raise :class:`RetryLater`; every other status raises :class:`PermanentFailure`.
 
-The SSRF guard (:mod:`formcraftd.netguard`) checks the address that is
-actually connected: hostnames go through its resolver, which drops refused
-addresses before the connector sees them; IP literals (which aiohttp never
-resolves) are checked here before the request. Reasons name only the URL's
-origin, never its path or query (webhook URLs often carry tokens there), and
-never a secret or signature.
+The SSRF guard checks the address that is actually connected: hostnames go
+through the resolver of :mod:`~formcraftd.workers.webhook.netguard`, which
+drops refused addresses before the connector sees them; IP literals (which
+aiohttp never resolves) are checked by :mod:`~formcraftd.workers.webhook.targets`
+before the request. Reasons name only the URL's origin, never its path or query
+(webhook URLs often carry tokens there), and never a secret or signature.
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import hashlib
-import hmac
-import ipaddress
 import logging
 import math
-import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
-import orjson
-from yarl import URL
 
 from formcraftd.core.config import WebhookWorkerConfig
 from formcraftd.core.errors import PermanentFailure, RetryLater
@@ -37,199 +28,23 @@ from formcraftd.core.events import Emit
 from formcraftd.core.handler import Delivered, JobContext
 from formcraftd.core.jobs import WebhookJob
 from formcraftd.core.retry import parse_retry_after
+from formcraftd.core.text import one_line
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
+from formcraftd.workers.webhook.request import WebhookRequest, encode_body, payload_headers
+from formcraftd.workers.webhook.signing import signer_for, webhook_id
+from formcraftd.workers.webhook.targets import check_literal_host, target_of
 
 if TYPE_CHECKING:
     from formcraftd.core.handler import Handler
 
-__all__ = [
-    "WebhookHandler",
-    "breaker_key",
-    "encode_body",
-    "parse_retry_after",
-    "sign",
-    "signing_key",
-    "webhook_id",
-]
+__all__ = ["WebhookHandler"]
 
 log = logging.getLogger("formcraftd.webhook")
 
 _SNIPPET_CHARS = 512
 _SNIPPET_BYTES = _SNIPPET_CHARS * 4  # enough UTF-8 for 512 characters
 _READ_CHUNK = 65_536
-# Parsed URLs and keyed HMACs are kept for this many distinct URLs and
-# secrets (about 1.2 KiB per ordinary URL, 0.3 KiB per secret). A longer URL
-# or secret than _CACHEABLE_CHARS is worked out per job instead, which bounds
-# the caches at about 13 and 5 MiB even if every entry were that long.
-_CACHE_ENTRIES = 4096
-_CACHEABLE_CHARS = 1024
 _RETRYABLE = frozenset({408, 425, 429})
-# Ours always win; framing and hop-by-hop headers are the client's, so a job cannot desync it.
-_NOT_FROM_PAYLOAD = frozenset(
-    {
-        "user-agent",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
-        "x-formcraft-signature",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "host",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-connection",
-    }
-)
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_SIGNATURE_HEADERS = ("webhook-signature", "X-FormCraft-Signature")
-_INVALID_KEY = "webhook:invalid-url"
-
-
-# --- pure functions -------------------------------------------------------------
-
-
-def signing_key(secret: str) -> bytes:
-    """The HMAC key: base64-decoded after a `whsec_` prefix, else the UTF-8 bytes."""
-    if not secret.startswith("whsec_"):
-        return secret.encode()
-    try:
-        key = base64.b64decode(secret[len("whsec_") :], validate=True)
-    except ValueError:
-        raise ValueError("payload.secret starts with whsec_ but is not valid base64") from None
-    if not key:
-        raise ValueError("payload.secret starts with whsec_ but holds an empty key")
-    return key
-
-
-def webhook_id(job_id: str, url: str) -> str:
-    """`msg_` + a stable id: the same on every try, different for each endpoint."""
-    return "msg_" + hashlib.sha256(f"{job_id}\n{url}".encode()).hexdigest()[:26]
-
-
-def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    """The Standard Webhooks headers, plus `X-FormCraft-Signature` for simple receivers.
-
-    An empty key signs nothing: only `webhook-id` and `webhook-timestamp` are set.
-    """
-    headers: dict[str, str] = {}
-    _Signer(key).add_headers(headers.__setitem__, msg_id, timestamp, body)
-    return headers
-
-
-def encode_body(body: Any) -> bytes:
-    """A str body as is (UTF-8); anything else as compact JSON."""
-    if isinstance(body, str):
-        return body.encode()
-    try:
-        return orjson.dumps(body)
-    except orjson.JSONEncodeError as exc:
-        raise ValueError(f"payload.body cannot be encoded as JSON: {exc}") from None
-
-
-def breaker_key(url: str) -> str:
-    """`webhook:<host>:<port>`, host lowercased, the scheme's default port filled in."""
-    return _target(url).breaker_key
-
-
-class _Signer:
-    """HMAC-SHA256 keyed once; each message is signed on a copy.
-
-    Keying an HMAC hashes the key into its inner and outer pads; copying the
-    keyed state skips that for every message after the first.
-    """
-
-    __slots__ = ("_mac",)
-
-    def __init__(self, key: bytes) -> None:
-        self._mac = hmac.new(key, digestmod=hashlib.sha256) if key else None
-
-    def add_headers(
-        self, add: Callable[[str, str], None], msg_id: str, timestamp: int, body: bytes
-    ) -> None:
-        """Pass `webhook-id`, `webhook-timestamp` and, with a key, both signatures to `add`."""
-        add("webhook-id", msg_id)
-        add("webhook-timestamp", str(timestamp))
-        if self._mac is None:
-            return
-        v1 = self._mac.copy()
-        v1.update(f"{msg_id}.{timestamp}.".encode())
-        v1.update(body)
-        add("webhook-signature", "v1," + base64.b64encode(v1.digest()).decode())
-        plain = self._mac.copy()
-        plain.update(body)
-        add("X-FormCraft-Signature", "sha256=" + plain.hexdigest())
-
-
-def _signer(secret: str) -> _Signer:
-    """The signer for a secret: cached (a form's secret recurs on every submission).
-
-    An invalid secret raises ValueError each time; failures are not cached.
-    """
-    if len(secret) > _CACHEABLE_CHARS:
-        return _new_signer(secret)
-    return _cached_signer(secret)
-
-
-def _new_signer(secret: str) -> _Signer:
-    """A signer keyed with `secret`; ValueError if it is not a valid secret."""
-    return _Signer(signing_key(secret))
-
-
-_cached_signer = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_new_signer)
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """What a job's URL string yields, worked out once per distinct string."""
-
-    url: URL | None  # None: not a valid URL
-    origin: str  # for reasons and logs: no userinfo, path or query
-    breaker_key: str
-    host: str  # the raw host, for the IP-literal check
-    literal: bool  # an IP literal: aiohttp connects to it without resolving
-
-
-def _target(raw: str) -> _Target:
-    """The parsed target of `raw`: cached (every job of a form goes to one URL)."""
-    if len(raw) > _CACHEABLE_CHARS:
-        return _parse_target(raw)
-    return _cached_target(raw)
-
-
-def _parse_target(raw: str) -> _Target:
-    """Parse `raw` once into everything a delivery and its breaker need."""
-    try:
-        url = URL(raw)
-    except ValueError:
-        return _Target(None, "", _INVALID_KEY, "", literal=False)
-    key = _breaker_key_of(url)
-    try:
-        origin = str(url.origin())
-    except ValueError:  # a breaker key but nothing to send to
-        return _Target(None, "", key, "", literal=False)
-    host = url.raw_host or ""
-    # The test mirrors aiohttp's own (`":" in host` or digits and dots), so
-    # every host aiohttp will not resolve is checked against the policy.
-    literal = ":" in host or host.replace(".", "").isdigit()
-    return _Target(url, origin, key, host, literal)
-
-
-_cached_target = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_parse_target)
-
-
-def _breaker_key_of(url: URL) -> str:
-    """`webhook:<host>:<port>` of a parsed URL, or the shared key of invalid ones."""
-    try:
-        host, port = url.raw_host, url.port
-    except ValueError:
-        return _INVALID_KEY
-    if not host:
-        return _INVALID_KEY
-    host = host.lower()
-    return f"webhook:[{host}]:{port}" if ":" in host else f"webhook:{host}:{port}"
 
 
 class _Pool:
@@ -291,38 +106,6 @@ class _Settings:
 
 
 @dataclass(slots=True)
-class _Request:
-    """One job's request, built once and not changed afterwards.
-
-    Not frozen: a frozen dataclass's `__init__` costs several times as much,
-    once per job. Headers, body and secret stay out of its repr.
-    """
-
-    method: str
-    url: URL
-    origin: str  # for reasons and logs: no userinfo, path or query
-    headers: dict[str, str] = field(repr=False)
-    body: bytes = field(repr=False)
-    secret: str = field(repr=False)
-    payload_headers: dict[str, str] = field(repr=False)
-
-    def sensitive(self) -> tuple[str, ...]:
-        """What a receiver might echo back that must not leak through a snippet.
-
-        The secret (with and without `whsec_`), both signatures and every
-        payload header value of 8 characters or more. Built only when a
-        response has a body to mask.
-        """
-        signatures = [
-            value.split(",", 1)[-1].removeprefix("sha256=")
-            for name in _SIGNATURE_HEADERS
-            if (value := self.headers.get(name)) is not None
-        ]
-        long_values = [v for v in self.payload_headers.values() if len(v) >= 8]
-        return (self.secret, self.secret.removeprefix("whsec_"), *signatures, *long_values)
-
-
-@dataclass(slots=True)
 class _Response:
     status: int
     retry_after: str | None
@@ -369,7 +152,7 @@ class WebhookHandler:
 
     def breaker_key(self, job: WebhookJob) -> str:
         """`webhook:<host>:<port>` of the job's URL."""
-        return _target(job.payload.url).breaker_key
+        return target_of(job.payload.url).breaker_key
 
     async def handle(self, job: WebhookJob, ctx: JobContext) -> Delivered:
         """Deliver once: return on 2xx, else raise PermanentFailure or RetryLater."""
@@ -419,81 +202,33 @@ class WebhookHandler:
             except Exception:
                 log.exception("closing a retired webhook session failed")
 
-    def _build(self, job: WebhookJob, ctx: JobContext, policy: NetworkPolicy) -> _Request:
+    def _build(self, job: WebhookJob, ctx: JobContext, policy: NetworkPolicy) -> WebhookRequest:
         """Validate the target and assemble the signed request; no I/O."""
         payload = job.payload
-        target = _target(payload.url)
+        target = target_of(payload.url)
         url = target.url
         if url is None:
             raise PermanentFailure(
                 "VALIDATION_ERROR", "payload.url is not a valid URL", reached_service=False
             )
         if target.literal:
-            _check_literal_host(target, policy)
+            check_literal_host(target, policy)
         try:
-            signer = _signer(payload.secret)
+            signer = signer_for(payload.secret)
             body = encode_body(payload.body)
-            headers = _payload_headers(payload.headers)
+            headers = payload_headers(payload.headers)
         except ValueError as exc:
             raise PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False) from None
         msg_id = webhook_id(ctx.job_id, payload.url)
         signer.add_headers(headers.__setitem__, msg_id, int(time.time()), body)
         headers["User-Agent"] = self._user_agent
-        return _Request(
+        return WebhookRequest(
             payload.method, url, target.origin, headers, body, payload.secret, payload.headers
         )
 
 
-def _payload_headers(given: dict[str, str]) -> dict[str, str]:
-    """The job's headers minus those we own; Content-Type defaults to JSON."""
-    if not given:  # the usual case
-        return {"Content-Type": "application/json"}
-    headers: dict[str, str] = {}
-    typed = False
-    for name, value in given.items():
-        if not _HEADER_NAME.fullmatch(name):
-            raise ValueError(f"payload.headers has an invalid header name {name[:64]!r}")
-        lowered = name.lower()
-        if lowered not in _NOT_FROM_PAYLOAD:
-            headers[name] = value
-            typed = typed or lowered == "content-type"
-    if not typed:
-        headers["Content-Type"] = "application/json"
-    return headers
-
-
-def _check_literal_host(target: _Target, policy: NetworkPolicy) -> None:
-    """Refuse an IP-literal host up front: aiohttp connects to those without resolving.
-
-    Host names are left to GuardedResolver, which checks what they resolve to.
-    """
-    verdict = _literal_verdict(target.host, policy)
-    if verdict == "invalid":
-        raise PermanentFailure(
-            "VALIDATION_ERROR",
-            f"{target.origin}: host is not a canonical IP address",
-            reached_service=False,
-        )
-    if verdict == "refused":
-        raise PermanentFailure(
-            "SSRF_BLOCKED",
-            f"{target.origin}: {target.host} is a private or reserved address",
-            reached_service=False,
-        )
-
-
-@functools.lru_cache(maxsize=_CACHE_ENTRIES)
-def _literal_verdict(host: str, policy: NetworkPolicy) -> str:
-    """ "ok", "refused" or "invalid" for an IP-literal host (cached: the same hosts recur)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return "invalid"
-    return "ok" if policy.permits(ip) else "refused"
-
-
 async def _send(
-    session: aiohttp.ClientSession, request: _Request, settings: _Settings
+    session: aiohttp.ClientSession, request: WebhookRequest, settings: _Settings
 ) -> _Response:
     """Send the request and read the head of the response; translate transport errors.
 
@@ -560,7 +295,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__} ({strerror})" if strerror else type(exc).__name__
 
 
-def _judge(response: _Response, request: _Request) -> Delivered:
+def _judge(response: _Response, request: WebhookRequest) -> Delivered:
     """What was delivered on 2xx; raise the job's fate otherwise."""
     status = response.status
     head = response.head
@@ -588,7 +323,7 @@ def _snippet(head: bytes, sensitive: tuple[str, ...]) -> str:
     for secret in sensitive:
         if secret:
             text = text.replace(secret, "[redacted]")
-    return " ".join(text.split())[:_SNIPPET_CHARS]
+    return one_line(text, _SNIPPET_CHARS)
 
 
 if TYPE_CHECKING:

@@ -1,109 +1,47 @@
-"""Tests for the webhook worker, against real aiohttp receivers on loopback."""
+"""Tests for the webhook handler, against real aiohttp receivers on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
-import hashlib
-import hmac
-import ipaddress
 import json
 import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import aiohappyeyeballs
 import pytest
 import uvloop
 from aiohttp import web
 
 from formcraftd.core.config import WebhookWorkerConfig
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
-from formcraftd.core.handler import JobContext
-from formcraftd.core.jobs import Metadata, WebhookJob, WebhookPayload
-from formcraftd.workers.webhook import handler as webhook_module
-from formcraftd.workers.webhook.handler import (
-    WebhookHandler,
-    breaker_key,
-    encode_body,
-    parse_retry_after,
-    sign,
-    signing_key,
-    webhook_id,
+from formcraftd.core.retry import parse_retry_after
+from formcraftd.workers.webhook import WebhookHandler
+from formcraftd.workers.webhook import signing as signing_module
+from formcraftd.workers.webhook import targets as targets_module
+from tests.workers.webhook.support import (
+    LOOPBACK_ONLY,
+    WHSEC,
+    Behaviour,
+    Receiver,
+    ctx,
+    job,
+    started_handler,
 )
-from formcraftd.workers.webhook.netguard import NetworkPolicy
 
 pytestmark = [pytest.mark.webhook, pytest.mark.timeout(10)]
 
-USER_AGENT = "formcraftd/9.9.9"
-WHSEC_KEY = b"0123456789abcdef0123456789abcdef"
-WHSEC = "whsec_" + base64.b64encode(WHSEC_KEY).decode()
-LOOPBACK_ONLY = ("127.0.0.1/32",)
 QUICK_TIMEOUT_MS = 300
 # How long past its timeout a request may take to end. Generous, so a busy
 # machine does not fail the suite: a request that nothing bounds runs into the
 # test's own 10 s timeout instead.
 SLACK_S = 1.0
-
-Behaviour = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Seen:
-    """One request as the receiver saw it."""
-
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: bytes
-
-
-async def answer_200(_request: web.Request) -> web.StreamResponse:
-    return web.Response(text="ok")
-
-
-@dataclass
-class Receiver:
-    """A real aiohttp server on 127.0.0.1 that records requests and answers with `behaviour`."""
-
-    port: int = 0
-    behaviour: Behaviour = answer_200
-    seen: list[Seen] = field(default_factory=list)
-
-    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.seen.append(
-            Seen(request.method, request.path, request.query_string, dict(request.headers), body)
-        )
-        return await self.behaviour(request)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    """A running receiver; stopped after the test."""
-    recv = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", recv.dispatch)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        recv.port = runner.addresses[0][1]
-        yield recv
-    finally:
-        await runner.cleanup()
-
 
 OnConnect = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -170,22 +108,6 @@ def full_backlog() -> Iterator[int]:
         yield port
 
 
-async def _started(config: WebhookWorkerConfig) -> WebhookHandler:
-    handler = WebhookHandler(config, user_agent=USER_AGENT)
-    await handler.start()
-    return handler
-
-
-@pytest.fixture
-async def handler() -> AsyncIterator[WebhookHandler]:
-    """A handler that may reach 127.0.0.1 only, with a 2 s timeout."""
-    h = await _started(WebhookWorkerConfig(allowed_networks=LOOPBACK_ONLY, timeout_ms=2000))
-    try:
-        yield h
-    finally:
-        await h.aclose()
-
-
 def quick_config() -> WebhookWorkerConfig:
     """May reach 127.0.0.1, with a 300 ms timeout and a 1 KiB read cap."""
     return WebhookWorkerConfig(
@@ -196,57 +118,11 @@ def quick_config() -> WebhookWorkerConfig:
 @pytest.fixture
 async def quick_handler() -> AsyncIterator[WebhookHandler]:
     """A handler with :func:`quick_config`."""
-    h = await _started(quick_config())
+    h = await started_handler(quick_config())
     try:
         yield h
     finally:
         await h.aclose()
-
-
-@pytest.fixture
-async def guarded_handler() -> AsyncIterator[WebhookHandler]:
-    """A handler with the default SSRF guard (no private networks at all)."""
-    h = await _started(WebhookWorkerConfig(timeout_ms=2000))
-    try:
-        yield h
-    finally:
-        await h.aclose()
-
-
-@pytest.fixture
-def no_connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
-    """Fail the test if aiohttp tries to open any TCP connection."""
-    attempts: list[object] = []
-
-    async def forbidden(addr_infos: object, *args: Any, **kwargs: Any) -> socket.socket:
-        attempts.append(addr_infos)
-        raise AssertionError(f"a connection was attempted to {addr_infos}")
-
-    monkeypatch.setattr(aiohappyeyeballs, "start_connection", forbidden)
-    yield attempts
-    assert attempts == []
-
-
-def job(
-    url: str,
-    *,
-    body: Any = None,
-    secret: str = "",
-    headers: dict[str, str] | None = None,
-    method: str = "POST",
-) -> WebhookJob:
-    payload = WebhookPayload(
-        url=url,
-        method=method,  # type: ignore[arg-type]
-        headers=headers or {},
-        body=body,
-        secret=secret,
-    )
-    return WebhookJob(payload=payload, metadata=Metadata(form_id="f1", submission_id="s1"))
-
-
-def ctx(job_id: str = "job-1", attempt: int = 1) -> JobContext:
-    return JobContext(job_id=job_id, attempt=attempt, queue="webhook_tasks")
 
 
 def respond(status: int, text: str = "", **headers: str) -> Behaviour:
@@ -256,76 +132,47 @@ def respond(status: int, text: str = "", **headers: str) -> Behaviour:
     return behaviour
 
 
-def expected_v1(key: bytes, msg_id: str, timestamp: str, body: bytes) -> str:
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
+# --- settings and caches -----------------------------------------------------------
 
 
-# --- pure functions ---------------------------------------------------------------
+async def test_reconfigure_with_a_bad_network_changes_nothing(
+    receiver: Receiver, handler: WebhookHandler
+) -> None:
+    """A failed reconfigure raises and the previous settings keep delivering."""
+    with pytest.raises(ConfigError):
+        handler.reconfigure(WebhookWorkerConfig(allowed_networks=("nope",)))
+    await handler.handle(job(receiver.url()), ctx())
+    assert len(receiver.seen) == 1
 
 
-def test_signing_key_decodes_whsec_secrets() -> None:
-    """A whsec_ secret's key is the base64-decoded rest."""
-    assert signing_key(WHSEC) == WHSEC_KEY
+async def test_url_and_secret_are_worked_out_once(
+    receiver: Receiver, handler: WebhookHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many jobs to one URL with one secret parse the URL and decode the secret once."""
+    parsed: list[str] = []
+    decoded: list[str] = []
+    real_url, real_signing_key = targets_module.URL, signing_module.signing_key
+
+    def counting_url(raw: str) -> Any:
+        parsed.append(raw)
+        return real_url(raw)
+
+    def counting_signing_key(secret: str) -> bytes:
+        decoded.append(secret)
+        return real_signing_key(secret)
+
+    monkeypatch.setattr(targets_module, "URL", counting_url)
+    monkeypatch.setattr(signing_module, "signing_key", counting_signing_key)
+    url = receiver.url("/worked-out-once")  # a URL and secret no other test uses
+    secret = "whsec_" + base64.b64encode(b"worked-out-once-key").decode()
+    for i in range(3):
+        the_job = job(url, body={"n": i}, secret=secret)
+        assert handler.breaker_key(the_job) == f"webhook:127.0.0.1:{receiver.port}"
+        await handler.handle(the_job, ctx(f"job-{i}"))
+    assert parsed == [url] and decoded == [secret] and len(receiver.seen) == 3
 
 
-def test_signing_key_uses_plain_secrets_as_utf8() -> None:
-    """A secret without the whsec_ prefix is used as its UTF-8 bytes."""
-    assert signing_key("plain-sécret") == "plain-sécret".encode()
-
-
-def test_signing_key_error_does_not_echo_the_secret() -> None:
-    """An invalid whsec_ secret raises ValueError whose message omits the secret."""
-    with pytest.raises(ValueError, match="base64") as info:
-        signing_key("whsec_not*base64*TOPSECRET")
-    assert "TOPSECRET" not in str(info.value)
-
-
-def test_webhook_id_is_stable_for_one_job_and_endpoint() -> None:
-    """The same job id and URL always give the same msg_ id."""
-    first = webhook_id("job-1", "https://a.example/hook")
-    assert first == webhook_id("job-1", "https://a.example/hook")
-    assert first.startswith("msg_") and len(first) == 30
-
-
-def test_webhook_id_differs_per_endpoint_and_job() -> None:
-    """Different URLs or jobs give different ids."""
-    base = webhook_id("job-1", "https://a.example/hook")
-    assert base != webhook_id("job-1", "https://b.example/hook")
-    assert base != webhook_id("job-2", "https://a.example/hook")
-
-
-def test_sign_without_key_sets_only_id_and_timestamp() -> None:
-    """An empty key yields webhook-id and webhook-timestamp but no signatures."""
-    assert sign(b"", "msg_x", 1700000000, b"{}") == {
-        "webhook-id": "msg_x",
-        "webhook-timestamp": "1700000000",
-    }
-
-
-def test_sign_matches_reference_hmacs() -> None:
-    """Both signatures are HMAC-SHA256 as receivers compute them, for every message."""
-    for body in (b'{"a":1}', b"", b"second message"):
-        headers = sign(WHSEC_KEY, "msg_x", 1700000000, body)
-        assert headers["webhook-signature"] == expected_v1(WHSEC_KEY, "msg_x", "1700000000", body)
-        plain = hmac.new(WHSEC_KEY, body, hashlib.sha256).hexdigest()
-        assert headers["X-FormCraft-Signature"] == "sha256=" + plain
-
-
-def test_encode_body_sends_strings_as_is() -> None:
-    """A str body is its UTF-8 bytes, not a JSON string."""
-    assert encode_body("a=1&b=ü") == "a=1&b=ü".encode()
-
-
-def test_encode_body_is_compact_json() -> None:
-    """Non-string bodies are JSON without spaces."""
-    assert encode_body({"a": [1, 2], "b": None}) == b'{"a":[1,2],"b":null}'
-
-
-def test_encode_body_refuses_unencodable_values() -> None:
-    """An integer too large for JSON encoding raises ValueError."""
-    with pytest.raises(ValueError, match=r"payload\.body"):
-        encode_body({"n": 2**80})
+# --- classification ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -351,318 +198,6 @@ def test_parse_retry_after_http_date() -> None:
     now = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
     assert parse_retry_after("Mon, 01 Jan 2024 12:00:30 GMT", now=now) == 30.0
     assert parse_retry_after("Mon, 01 Jan 2024 11:00:00 GMT", now=now) == 0.0
-
-
-@pytest.mark.parametrize(
-    ("url", "key"),
-    [
-        ("https://Hooks.Example.COM/x?y=1", "webhook:hooks.example.com:443"),
-        ("http://example.com/x", "webhook:example.com:80"),
-        ("http://user:pw@example.com:8080/x", "webhook:example.com:8080"),
-        ("https://[2001:DB8::1]/x", "webhook:[2001:db8::1]:443"),
-    ],
-)
-def test_breaker_key_fills_default_ports(url: str, key: str) -> None:
-    """The breaker key is the lowercased host and the effective port."""
-    assert breaker_key(url) == key
-
-
-@pytest.mark.parametrize(
-    "url", ["http://host:99999/x", "http:///x", "http://[::1/x", "not a url at all"]
-)
-def test_breaker_key_of_an_invalid_url(url: str) -> None:
-    """Every URL without a usable host and port shares one breaker key."""
-    assert breaker_key(url) == "webhook:invalid-url"
-    assert breaker_key(url) == "webhook:invalid-url"  # the same again, from the cache
-
-
-def test_breaker_key_of_a_very_long_url() -> None:
-    """A URL too long to be cached gets the same key as a short one."""
-    assert breaker_key("https://Example.com/" + "a" * 5000) == "webhook:example.com:443"
-
-
-@pytest.mark.parametrize(
-    "address",
-    [
-        "127.0.0.1",
-        "10.0.0.1",
-        "172.16.5.4",
-        "192.168.1.1",
-        "169.254.169.254",
-        "100.64.0.1",
-        "0.0.0.0",
-        "224.0.0.1",
-        "240.0.0.1",
-        "255.255.255.255",
-        "::1",
-        "::",
-        "fe80::1",
-        "fc00::1",
-        "fd12::1",
-        "ff02::1",
-        "::ffff:127.0.0.1",
-        "::ffff:10.0.0.1",
-        "64:ff9b::a00:1",
-        "2002:a00:1::1",
-        "fec0::1",
-    ],
-)
-def test_policy_refuses_non_public_addresses(address: str) -> None:
-    """The default policy refuses loopback, private, link-local, CGNAT and reserved ranges."""
-    assert not NetworkPolicy().permits(address)
-
-
-@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"])
-def test_policy_permits_public_addresses(address: str) -> None:
-    """Global unicast addresses are permitted."""
-    assert NetworkPolicy().permits(address)
-
-
-def test_policy_allowed_networks_cover_mapped_addresses() -> None:
-    """An allowed IPv4 network also admits its IPv4-mapped IPv6 form."""
-    policy = NetworkPolicy(allowed=(ipaddress.ip_network("127.0.0.1/32"),))
-    assert policy.permits("127.0.0.1") and policy.permits("::ffff:127.0.0.1")
-    assert not policy.permits("127.0.0.2")
-
-
-def test_invalid_allowed_network_is_a_config_error() -> None:
-    """A bad CIDR raises ConfigError naming the key."""
-    with pytest.raises(ConfigError, match=r"workers\.webhook\.allowed_networks"):
-        WebhookHandler(WebhookWorkerConfig(allowed_networks=("10.0.0.0/33",)), user_agent="x")
-
-
-async def test_reconfigure_with_a_bad_network_changes_nothing(
-    receiver: Receiver, handler: WebhookHandler
-) -> None:
-    """A failed reconfigure raises and the previous settings keep delivering."""
-    with pytest.raises(ConfigError):
-        handler.reconfigure(WebhookWorkerConfig(allowed_networks=("nope",)))
-    await handler.handle(job(receiver.url()), ctx())
-    assert len(receiver.seen) == 1
-
-
-# --- signing and request shape ----------------------------------------------------
-
-
-async def test_whsec_signature_verifies(receiver: Receiver, handler: WebhookHandler) -> None:
-    """The v1 signature and X-FormCraft-Signature verify with the decoded whsec_ key."""
-    await handler.handle(job(receiver.url(), body={"a": 1}, secret=WHSEC), ctx())
-    seen = receiver.seen[0]
-    h = seen.headers
-    assert h["webhook-signature"] == expected_v1(
-        WHSEC_KEY, h["webhook-id"], h["webhook-timestamp"], seen.body
-    )
-    assert (
-        h["X-FormCraft-Signature"]
-        == "sha256=" + hmac.new(WHSEC_KEY, seen.body, hashlib.sha256).hexdigest()
-    )
-
-
-async def test_plain_secret_signature_verifies(receiver: Receiver, handler: WebhookHandler) -> None:
-    """A plain secret signs with its UTF-8 bytes."""
-    await handler.handle(job(receiver.url(), body="x", secret="plain-secret"), ctx())
-    h = receiver.seen[0].headers
-    assert h["webhook-signature"] == expected_v1(
-        b"plain-secret", h["webhook-id"], h["webhook-timestamp"], b"x"
-    )
-
-
-async def test_no_secret_sends_no_signature(receiver: Receiver, handler: WebhookHandler) -> None:
-    """Without a secret the id and timestamp are sent but no signature headers."""
-    await handler.handle(job(receiver.url()), ctx())
-    h = receiver.seen[0].headers
-    assert "webhook-id" in h and "webhook-timestamp" in h
-    assert "webhook-signature" not in h and "X-FormCraft-Signature" not in h
-
-
-async def test_webhook_id_is_the_same_on_every_try(
-    receiver: Receiver, handler: WebhookHandler
-) -> None:
-    """Two tries of one job carry the same webhook-id."""
-    the_job = job(receiver.url(), secret=WHSEC)
-    await handler.handle(the_job, ctx(attempt=1))
-    await handler.handle(the_job, ctx(attempt=2))
-    assert receiver.seen[0].headers["webhook-id"] == receiver.seen[1].headers["webhook-id"]
-
-
-async def test_webhook_id_differs_for_another_endpoint(
-    receiver: Receiver, handler: WebhookHandler
-) -> None:
-    """The same job sent to two URLs carries two different webhook-ids."""
-    await handler.handle(job(receiver.url("/a")), ctx())
-    await handler.handle(job(receiver.url("/b")), ctx())
-    assert receiver.seen[0].headers["webhook-id"] != receiver.seen[1].headers["webhook-id"]
-
-
-async def test_webhook_timestamp_is_fresh(receiver: Receiver, handler: WebhookHandler) -> None:
-    """webhook-timestamp is the current unix time in seconds."""
-    await handler.handle(job(receiver.url()), ctx())
-    assert abs(int(receiver.seen[0].headers["webhook-timestamp"]) - time.time()) <= 2
-
-
-async def test_user_agent_wins_over_payload(receiver: Receiver, handler: WebhookHandler) -> None:
-    """User-Agent is ours even when the payload tries to set it."""
-    await handler.handle(job(receiver.url(), headers={"user-agent": "evil"}), ctx())
-    assert receiver.seen[0].headers["User-Agent"] == USER_AGENT
-
-
-async def test_payload_cannot_forge_signature_headers(
-    receiver: Receiver, handler: WebhookHandler
-) -> None:
-    """A payload's webhook-* headers are replaced by ours."""
-    headers = {"Webhook-Id": "forged", "webhook-signature": "v1,forged"}
-    await handler.handle(job(receiver.url(), headers=headers, secret="s3cret-key"), ctx())
-    h = receiver.seen[0].headers
-    assert h["webhook-id"].startswith("msg_") and h["webhook-signature"] != "v1,forged"
-
-
-async def test_payload_headers_are_passed(receiver: Receiver, handler: WebhookHandler) -> None:
-    """Custom payload headers reach the receiver."""
-    await handler.handle(
-        job(receiver.url(), headers={"X-Custom": "yes", "Authorization": "B t"}), ctx()
-    )
-    h = receiver.seen[0].headers
-    assert h["X-Custom"] == "yes" and h["Authorization"] == "B t"
-
-
-async def test_method_put_is_used(receiver: Receiver, handler: WebhookHandler) -> None:
-    """payload.method is the request method."""
-    await handler.handle(job(receiver.url(), method="PUT"), ctx())
-    assert receiver.seen[0].method == "PUT"
-
-
-async def test_string_body_is_sent_as_is(receiver: Receiver, handler: WebhookHandler) -> None:
-    """A string body arrives byte for byte, with the payload's Content-Type."""
-    headers = {"content-type": "application/x-www-form-urlencoded"}
-    await handler.handle(job(receiver.url(), body="a=1&b=2", headers=headers), ctx())
-    seen = receiver.seen[0]
-    assert seen.body == b"a=1&b=2"
-    assert seen.headers["Content-Type"] == "application/x-www-form-urlencoded"
-
-
-async def test_json_body_is_compact(receiver: Receiver, handler: WebhookHandler) -> None:
-    """An object body arrives as compact JSON with Content-Type application/json."""
-    await handler.handle(job(receiver.url(), body={"name": "Ada", "n": [1, 2]}), ctx())
-    seen = receiver.seen[0]
-    assert seen.body == b'{"name":"Ada","n":[1,2]}'
-    assert seen.headers["Content-Type"] == "application/json"
-    assert json.loads(seen.body) == {"name": "Ada", "n": [1, 2]}
-
-
-async def test_invalid_whsec_secret_is_a_validation_error(
-    receiver: Receiver, handler: WebhookHandler
-) -> None:
-    """A whsec_ secret that is not base64 fails permanently without a request or the secret.
-
-    Every time: a secret that failed is not remembered as if it had worked.
-    """
-    for _ in range(2):
-        with pytest.raises(PermanentFailure) as info:
-            await handler.handle(job(receiver.url(), secret="whsec_***TOPSECRET***"), ctx())
-        assert info.value.code == "VALIDATION_ERROR" and not info.value.reached_service
-        assert "TOPSECRET" not in info.value.reason and receiver.seen == []
-
-
-async def test_one_secret_signs_every_job(receiver: Receiver, handler: WebhookHandler) -> None:
-    """Jobs sharing a secret each carry signatures that verify for their own body."""
-    for i in range(3):
-        await handler.handle(job(receiver.url(), body={"n": i}, secret=WHSEC), ctx(f"job-{i}"))
-    for seen in receiver.seen:
-        h = seen.headers
-        assert h["webhook-signature"] == expected_v1(
-            WHSEC_KEY, h["webhook-id"], h["webhook-timestamp"], seen.body
-        )
-        plain = hmac.new(WHSEC_KEY, seen.body, hashlib.sha256).hexdigest()
-        assert h["X-FormCraft-Signature"] == "sha256=" + plain
-    assert len({s.headers["webhook-signature"] for s in receiver.seen}) == 3
-
-
-async def test_url_and_secret_are_worked_out_once(
-    receiver: Receiver, handler: WebhookHandler, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Many jobs to one URL with one secret parse the URL and decode the secret once."""
-    parsed: list[str] = []
-    decoded: list[str] = []
-    real_url, real_signing_key = webhook_module.URL, webhook_module.signing_key
-
-    def counting_url(raw: str) -> Any:
-        parsed.append(raw)
-        return real_url(raw)
-
-    def counting_signing_key(secret: str) -> bytes:
-        decoded.append(secret)
-        return real_signing_key(secret)
-
-    monkeypatch.setattr(webhook_module, "URL", counting_url)
-    monkeypatch.setattr(webhook_module, "signing_key", counting_signing_key)
-    url = receiver.url("/worked-out-once")  # a URL and secret no other test uses
-    secret = "whsec_" + base64.b64encode(b"worked-out-once-key").decode()
-    for i in range(3):
-        the_job = job(url, body={"n": i}, secret=secret)
-        assert handler.breaker_key(the_job) == f"webhook:127.0.0.1:{receiver.port}"
-        await handler.handle(the_job, ctx(f"job-{i}"))
-    assert parsed == [url] and decoded == [secret] and len(receiver.seen) == 3
-
-
-async def test_very_long_url_is_delivered(receiver: Receiver, handler: WebhookHandler) -> None:
-    """A URL too long to be cached is parsed per job and delivered all the same."""
-    path = "/" + "a" * 5000
-    for _ in range(2):
-        the_job = job(receiver.url(path + "?token=t0k3n"))
-        assert handler.breaker_key(the_job) == f"webhook:127.0.0.1:{receiver.port}"
-        await handler.handle(the_job, ctx())
-    assert [(s.path, s.query) for s in receiver.seen] == [(path, "token=t0k3n")] * 2
-
-
-async def test_very_long_secret_signs(receiver: Receiver, handler: WebhookHandler) -> None:
-    """A secret too long to be cached signs every job all the same."""
-    secret = "s" * 3000
-    for i in range(2):
-        await handler.handle(job(receiver.url(), body={"n": i}, secret=secret), ctx(f"job-{i}"))
-    for seen in receiver.seen:
-        h = seen.headers
-        assert h["webhook-signature"] == expected_v1(
-            secret.encode(), h["webhook-id"], h["webhook-timestamp"], seen.body
-        )
-
-
-async def test_request_repr_hides_what_is_secret(handler: WebhookHandler) -> None:
-    """A built request's repr shows neither the secret, a signature, a header nor the body."""
-    the_job = job(
-        "http://127.0.0.1:9/hook",
-        body={"card": "4111111111111111"},
-        secret=WHSEC,
-        headers={"Authorization": "Bearer sk_live_123456"},
-    )
-    request = handler._build(the_job, ctx(), handler._settings.policy)
-    text = repr(request)
-    signature = request.headers["webhook-signature"].removeprefix("v1,")
-    for hidden in (WHSEC, WHSEC.removeprefix("whsec_"), signature, "sk_live", "4111"):
-        assert hidden not in text
-    assert "127.0.0.1:9" in text
-
-
-async def test_payload_cannot_set_framing_headers(
-    receiver: Receiver, handler: WebhookHandler
-) -> None:
-    """Host, Content-Length and Connection from a payload are dropped; JSON stays the default."""
-    headers = {"Host": "evil.example", "Content-Length": "1", "Connection": "close"}
-    await handler.handle(job(receiver.url(), body={"a": 1}, headers=headers), ctx())
-    seen = receiver.seen[0]
-    assert seen.headers["Host"] == f"127.0.0.1:{receiver.port}"
-    assert seen.body == b'{"a":1}' and seen.headers["Content-Type"] == "application/json"
-
-
-async def test_invalid_header_name_is_a_validation_error(
-    receiver: Receiver, handler: WebhookHandler
-) -> None:
-    """A payload header name that is not an HTTP token fails permanently without a request."""
-    with pytest.raises(PermanentFailure) as info:
-        await handler.handle(job(receiver.url(), headers={"X Bad": "1"}), ctx())
-    assert info.value.code == "VALIDATION_ERROR" and receiver.seen == []
-
-
-# --- classification -----------------------------------------------------------------
 
 
 async def test_200_is_success(receiver: Receiver, handler: WebhookHandler) -> None:
@@ -860,7 +395,7 @@ async def deliver_to_hang(hang: Hang) -> None:
             port = stack.enter_context(full_backlog())
         else:
             port = await servers.start(hang.serve)
-        handler = await _started(quick_config())
+        handler = await started_handler(quick_config())
         try:
             started = time.monotonic()
             with pytest.raises(RetryLater) as info:
@@ -912,7 +447,7 @@ async def test_long_timeouts_are_not_rounded_up(raw_server: Any) -> None:
     rounding would add more than 0.9 s.
     """
     port = await raw_server(dribbles_body)
-    h = await _started(WebhookWorkerConfig(allowed_networks=LOOPBACK_ONLY, timeout_ms=5000))
+    h = await started_handler(WebhookWorkerConfig(allowed_networks=LOOPBACK_ONLY, timeout_ms=5000))
     try:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(1.05 - loop.time() % 1)  # to just after a whole second
@@ -996,115 +531,3 @@ async def test_keep_alive_reuses_the_connection(
     await handler.handle(job(receiver.url()), ctx())
     await handler.handle(job(receiver.url()), ctx())
     assert peers[0] == peers[1]
-
-
-# --- SSRF guard ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
-async def test_guard_refuses_loopback(
-    receiver: Receiver, guarded_handler: WebhookHandler, host: str, no_connections: list[object]
-) -> None:
-    """The default config refuses loopback targets before any request is sent."""
-    with pytest.raises(PermanentFailure) as info:
-        await guarded_handler.handle(job(receiver.url(host=host), secret="guard-secret-1"), ctx())
-    assert info.value.code == "SSRF_BLOCKED" and not info.value.reached_service
-    assert "guard-secret-1" not in info.value.reason
-    assert receiver.seen == []
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "http://[::1]/",
-        "http://169.254.169.254/latest/meta-data/",
-        "http://10.0.0.1/",
-        "https://192.168.0.1:8443/",
-        "http://[::ffff:10.0.0.1]/",
-        "http://100.64.1.1/",
-        "http://[fe80::1]/",
-    ],
-)
-async def test_guard_refuses_private_literals_without_traffic(
-    guarded_handler: WebhookHandler, url: str, no_connections: list[object]
-) -> None:
-    """Private and link-local IP literals are refused with no connection attempt."""
-    with pytest.raises(PermanentFailure) as info:
-        await guarded_handler.handle(job(url), ctx())
-    assert info.value.code == "SSRF_BLOCKED" and not info.value.reached_service
-
-
-@pytest.mark.parametrize("url", ["http://127.1/", "http://2130706433/", "http://0x7f000001/"])
-async def test_guard_refuses_legacy_ip_forms(
-    guarded_handler: WebhookHandler, url: str, no_connections: list[object]
-) -> None:
-    """Numeric shorthands for loopback never reach a connection."""
-    with pytest.raises(PermanentFailure) as info:
-        await guarded_handler.handle(job(url), ctx())
-    assert not info.value.reached_service
-
-
-async def test_allowed_network_lets_loopback_through(
-    receiver: Receiver, handler: WebhookHandler
-) -> None:
-    """allowed_networks=["127.0.0.1/32"] admits 127.0.0.1 by literal and by name."""
-    await handler.handle(job(receiver.url(host="127.0.0.1")), ctx())
-    await handler.handle(job(receiver.url(host="localhost")), ctx())
-    assert len(receiver.seen) == 2
-
-
-async def test_reconfigure_to_the_guard_drops_pooled_connections(receiver: Receiver) -> None:
-    """After a reload turns the guard on, a host reached before is refused."""
-    h = await _started(WebhookWorkerConfig(allow_private_networks=True, timeout_ms=2000))
-    try:
-        await h.handle(job(receiver.url(host="localhost")), ctx())
-        h.reconfigure(WebhookWorkerConfig(timeout_ms=2000))
-        with pytest.raises(PermanentFailure) as info:
-            await h.handle(job(receiver.url(host="localhost")), ctx())
-        assert info.value.code == "SSRF_BLOCKED" and len(receiver.seen) == 1
-    finally:
-        await h.aclose()
-
-
-@pytest.mark.parametrize(
-    ("url", "code", "words"),
-    [
-        ("http://host:99999/", "VALIDATION_ERROR", "not a valid URL"),
-        ("http://256.1.1.1/", "VALIDATION_ERROR", "canonical IP address"),
-        ("http://10.1.2.3/", "SSRF_BLOCKED", "private or reserved"),
-    ],
-)
-async def test_unusable_targets_fail_the_same_way_every_time(
-    handler: WebhookHandler, no_connections: list[object], url: str, code: str, words: str
-) -> None:
-    """A URL that is invalid or refused is refused again on the next job, without traffic."""
-    reasons: list[str] = []
-    for _ in range(2):
-        with pytest.raises(PermanentFailure) as info:
-            await handler.handle(job(url), ctx())
-        assert info.value.code == code and not info.value.reached_service
-        reasons.append(info.value.reason)
-    assert words in reasons[0] and reasons[0] == reasons[1]
-
-
-async def test_reload_changes_the_verdict_on_a_literal(receiver: Receiver) -> None:
-    """An IP literal admitted before a reload is refused after it, and again admitted after."""
-    allow = WebhookWorkerConfig(allowed_networks=LOOPBACK_ONLY, timeout_ms=2000)
-    h = await _started(allow)
-    try:
-        url = receiver.url(host="127.0.0.1")
-        await h.handle(job(url), ctx())
-        h.reconfigure(WebhookWorkerConfig(timeout_ms=2000))
-        with pytest.raises(PermanentFailure) as info:
-            await h.handle(job(url), ctx())
-        assert info.value.code == "SSRF_BLOCKED" and len(receiver.seen) == 1
-        h.reconfigure(allow)
-        await h.handle(job(url), ctx())
-        assert len(receiver.seen) == 2
-    finally:
-        await h.aclose()
-
-
-async def test_breaker_key_of_a_job(handler: WebhookHandler) -> None:
-    """The handler's breaker key comes from the job's URL."""
-    assert handler.breaker_key(job("https://Example.com/x")) == "webhook:example.com:443"
