@@ -16,7 +16,7 @@ import msgspec
 
 from formcraftd.core.config import WorkerKind
 from formcraftd.core.redaction import redact
-from formcraftd.core.text import utc_now
+from formcraftd.core.text import one_line, utc_now
 
 EventOutcome = Literal["succeeded", "retrying", "dead_lettered", "delayed"]
 SNIPPET_CHARS = 300
@@ -66,7 +66,7 @@ def snippet(text: str | None) -> str | None:
     """A one-line, redacted, truncated excerpt (None stays None)."""
     if not text:
         return None
-    return redact(" ".join(text.split()))[:SNIPPET_CHARS]
+    return one_line(redact(text), SNIPPET_CHARS)
 
 
 def routing_key(event: Event) -> str:

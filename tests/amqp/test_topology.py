@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from formcraftd.amqp.connection import Broker as DaemonBroker
-from formcraftd.amqp.topology import WorkerTopology
+from formcraftd.amqp.topology import WorkerTopology, dead_letter_queue_name, retry_queue_name
 from formcraftd.core.errors import BrokerUnreachable, TopologyError
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
@@ -153,3 +153,9 @@ def test_sheets_single_active_consumer_is_declared(names: Names) -> None:
     webhook = WorkerTopology.build(cfg.workers.webhook, cfg.broker)
     assert sheets.main.arguments["x-single-active-consumer"] is True
     assert "x-single-active-consumer" not in webhook.main.arguments
+
+
+def test_the_names_of_wait_queues_and_dead_letter_queues() -> None:
+    """A wait queue is named after its main queue and delay; a DLQ is `dlq.<queue>`."""
+    assert retry_queue_name("webhook_tasks", 1000) == "webhook_tasks.retry.1000"
+    assert dead_letter_queue_name("webhook_tasks") == "dlq.webhook_tasks"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from datetime import UTC, datetime
 
 import pytest
 
-from formcraftd.amqp.topology import retry_queue_name
 from formcraftd.core.config import RetryConfig
-from formcraftd.core.retry import MAX_TIERS, RetrySchedule
+from formcraftd.core.retry import MAX_TIERS, RetrySchedule, parse_retry_after
 
 DEFAULT_TIERS = (1000, 2000, 4000, 8000, 16000, 32000, 60000)
 
@@ -219,6 +219,26 @@ def test_nan_delay_is_rejected(defaults: RetrySchedule) -> None:
         defaults.nearest_tier(math.nan)
 
 
-def test_retry_queue_name() -> None:
-    """A wait queue is named after its main queue and delay."""
-    assert retry_queue_name("webhook_tasks", 1000) == "webhook_tasks.retry.1000"
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("7", 7.0),
+        ("0", 0.0),
+        ("-5", 0.0),
+        (" 12 ", 12.0),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("1.5", None),
+    ],
+)
+def test_parse_retry_after_seconds(value: str | None, expected: float | None) -> None:
+    """Delta-seconds are parsed, negatives clamped to 0 and garbage ignored."""
+    assert parse_retry_after(value) == expected
+
+
+def test_parse_retry_after_http_date() -> None:
+    """An HTTP date gives the seconds until it; a past date gives 0."""
+    now = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("Mon, 01 Jan 2024 12:00:30 GMT", now=now) == 30.0
+    assert parse_retry_after("Mon, 01 Jan 2024 11:00:00 GMT", now=now) == 0.0

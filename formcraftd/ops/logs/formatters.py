@@ -72,8 +72,8 @@ def _exception_summary(record: logging.LogRecord) -> tuple[str, str] | None:
     if not record.exc_info or record.exc_info[0] is None:
         return None
     exc_type, exc_value = record.exc_info[0], record.exc_info[1]
-    text = " ".join(str(exc_value).split()) if exc_value is not None else ""
-    return exc_type.__name__, one_line(redact(text), _EXCEPTION_CHARS)
+    text = "" if exc_value is None else redact(str(exc_value))
+    return exc_type.__name__, one_line(text, _EXCEPTION_CHARS)
 
 
 class JsonFormatter(logging.Formatter):

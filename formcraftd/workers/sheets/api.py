@@ -26,13 +26,13 @@ from yarl import URL
 
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
 from formcraftd.core.retry import parse_retry_after
+from formcraftd.core.text import one_line
 from formcraftd.workers.sheets.google_auth import AccessToken, read_body
 
 __all__ = ["ApiRequest", "ApiResponse", "SheetsApi", "judge", "load_discovery", "send"]
 
 _TIMEOUT_S = 30.0
 _MAX_RESPONSE_BYTES = 65_536
-_REASON_CHARS = 300
 # 408/409 (ABORTED) and 425 are transient; Google asks clients to retry them with backoff.
 _RETRYABLE = frozenset({408, 409, 425, 429})
 _RATE_LIMITED = re.compile(r"rate_?limit_?exceeded|RESOURCE_EXHAUSTED", re.IGNORECASE)
@@ -183,11 +183,11 @@ def _google_error(body: bytes, secret: str) -> tuple[str, str]:
         error = msgspec.json.decode(body, type=_ErrorBody).error
     except msgspec.MsgspecError:
         text = body.decode("utf-8", errors="replace")
-        return "", _one_line(text.replace(secret, "[redacted]") if secret else text)
+        return "", one_line(text.replace(secret, "[redacted]") if secret else text)
     if isinstance(error, str):
-        return "", _one_line(error)
+        return "", one_line(error)
     message = error.message.replace(secret, "[redacted]") if secret else error.message
-    return _one_line(error.status)[:64], _one_line(message)
+    return one_line(error.status)[:64], one_line(message)
 
 
 def judge(response: ApiResponse, request: ApiRequest) -> None:
@@ -223,7 +223,3 @@ def rate_limited(response: ApiResponse) -> bool:
 def per_user_limit(response: ApiResponse) -> bool:
     """Whether a rate-limit answer names a per-user quota (so other users may go on)."""
     return "peruser" in response.error_message.replace(" ", "").lower()
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:_REASON_CHARS]

@@ -21,7 +21,6 @@ from aiohttp import web
 
 from formcraftd.core.config import WebhookWorkerConfig
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
-from formcraftd.core.retry import parse_retry_after
 from formcraftd.workers.webhook import WebhookHandler
 from formcraftd.workers.webhook import signing as signing_module
 from formcraftd.workers.webhook import targets as targets_module
@@ -173,31 +172,6 @@ async def test_url_and_secret_are_worked_out_once(
 
 
 # --- classification ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("7", 7.0),
-        ("0", 0.0),
-        ("-5", 0.0),
-        (" 12 ", 12.0),
-        ("soon", None),
-        ("", None),
-        (None, None),
-        ("1.5", None),
-    ],
-)
-def test_parse_retry_after_seconds(value: str | None, expected: float | None) -> None:
-    """Delta-seconds are parsed, negatives clamped to 0 and garbage ignored."""
-    assert parse_retry_after(value) == expected
-
-
-def test_parse_retry_after_http_date() -> None:
-    """An HTTP date gives the seconds until it; a past date gives 0."""
-    now = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
-    assert parse_retry_after("Mon, 01 Jan 2024 12:00:30 GMT", now=now) == 30.0
-    assert parse_retry_after("Mon, 01 Jan 2024 11:00:00 GMT", now=now) == 0.0
 
 
 async def test_200_is_success(receiver: Receiver, handler: WebhookHandler) -> None:
