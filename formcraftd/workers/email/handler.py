@@ -39,7 +39,7 @@ from formcraftd.core.jobs import EmailJob
 from formcraftd.workers.email import mime
 from formcraftd.workers.email.smtp_pool import (
     IDLE_TIMEOUT_S,
-    Delivery,
+    RecipientReplies,
     SmtpError,
     SmtpPool,
     SmtpSettings,
@@ -178,7 +178,7 @@ class EmailHandler:
         message = await self._message(job, ctx, [r.address for r in recipients], settings, renderer)
         started = time.monotonic()
         try:
-            delivery = await self.pool.send(
+            replies = await self.pool.send(
                 settings.envelope_sender(ctx.job_id), [r.envelope for r in recipients], message
             )
         except SmtpError as exc:
@@ -186,14 +186,14 @@ class EmailHandler:
         log.debug(
             "job %s: %d accepted, %d refused by %s in %.0f ms (attempt %d)",
             ctx.job_id,
-            len(delivery.accepted),
-            len(delivery.refused),
+            len(replies.accepted),
+            len(replies.refused),
             settings.smtp.endpoint,
             (time.monotonic() - started) * 1000,
             ctx.attempt,
             extra={"queue": ctx.queue, "job_id": ctx.job_id},
         )
-        await self._judge(job, ctx, recipients, delivery)
+        await self._judge(job, ctx, recipients, replies)
 
     def _unsuppressed(self, recipients: list[_Recipient], ctx: JobContext) -> list[_Recipient]:
         """The recipients not on the suppression list; SUPPRESSED when none is left."""
@@ -273,11 +273,15 @@ class EmailHandler:
         )
 
     async def _judge(
-        self, job: EmailJob, ctx: JobContext, recipients: list[_Recipient], delivery: Delivery
+        self,
+        job: EmailJob,
+        ctx: JobContext,
+        recipients: list[_Recipient],
+        replies: RecipientReplies,
     ) -> None:
         """Suppress 5xx recipients; retry the 4xx ones alone; fail if nobody got the mail."""
-        rejected = {rcpt: reply for rcpt, reply in delivery.refused.items() if reply[0] >= 500}
-        deferred = {rcpt: reply for rcpt, reply in delivery.refused.items() if reply[0] < 500}
+        rejected = {rcpt: reply for rcpt, reply in replies.refused.items() if reply[0] >= 500}
+        deferred = {rcpt: reply for rcpt, reply in replies.refused.items() if reply[0] < 500}
         for rcpt, (code, text) in rejected.items():
             await self._suppress(rcpt, code, text, ctx)
         if deferred:
@@ -291,7 +295,7 @@ class EmailHandler:
                 replacement=msgspec.structs.replace(job, payload=payload),
                 counts_for_breaker=False,  # the relay answered: greylisting is not an outage
             )
-        if not delivery.accepted:
+        if not replies.accepted:
             code, text = next(iter(rejected.values()))
             raise PermanentFailure(
                 "RECIPIENT_REJECTED",

@@ -698,10 +698,10 @@ async def test_a_421_to_mail_on_a_kept_open_connection_is_redone_on_a_fresh_one(
     try:
         await pool.send("a@example.com", ["b@example.com"], b"Subject: 1\r\n\r\none\r\n")
         smtp_server.script.mail = ["421 4.4.2 idle timeout", "250 OK"]
-        delivery = await pool.send("a@example.com", ["b@example.com"], b"Subject: 2\r\n\r\n2\r\n")
+        replies = await pool.send("a@example.com", ["b@example.com"], b"Subject: 2\r\n\r\n2\r\n")
     finally:
         await pool.aclose()
-    assert delivery.accepted == ("b@example.com",)
+    assert replies.accepted == ("b@example.com",)
     assert pool.opened == 2
     assert len(smtp_server.received) == 2
 
