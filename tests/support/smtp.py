@@ -3,6 +3,8 @@
 A :class:`SmtpServer` records every message it accepts and can be scripted:
 per-recipient replies (``550``, ``452``, ...), replies to MAIL or DATA, a
 connection dropped at DATA, STARTTLS with a self-signed certificate, AUTH.
+Below the servers: the `email.send` jobs the tests give them, as published
+and as the email handler gets them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from formcraftd.core import jobs
+from formcraftd.core.errors import PermanentFailure
+from formcraftd.core.handler import JobContext
+from formcraftd.core.jobs import EmailJob
+from formcraftd.workers.email.handler import EmailHandler
 
 USERNAME = "formcraft"
 PASSWORD = "s3cret-smtp-password"
@@ -282,3 +292,26 @@ SAMPLE_DATA: dict[str, Any] = {
         {"label": "Topics", "value": ["engines", "poetry"]},
     ],
 }
+
+
+HandlerFactory = Callable[..., Awaitable[EmailHandler]]
+
+
+def email_job(*to: str, **kwargs: Any) -> EmailJob:
+    """A validated `email.send` job (default: one recipient, the shipped notification)."""
+    job = jobs.decode(msgspec.json.encode(email_payload(to or ("owner@example.com",), **kwargs)))
+    assert isinstance(job, EmailJob)
+    return job
+
+
+def job_context(job_id: str = "job-1", attempt: int = 1) -> JobContext:
+    return JobContext(job_id=job_id, attempt=attempt, queue="email_tasks")
+
+
+async def fails_with(handler: EmailHandler, job: EmailJob, code: str) -> PermanentFailure:
+    """Handle `job`, expecting a PermanentFailure with `code` and a one-line reason."""
+    with pytest.raises(PermanentFailure) as caught:
+        await handler.handle(job, job_context())
+    assert caught.value.code == code, caught.value.reason
+    assert "\n" not in caught.value.reason
+    return caught.value

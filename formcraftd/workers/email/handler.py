@@ -4,12 +4,13 @@ One job is one message to its recipients:
 
 1. recipients are parsed and de-duplicated; one on the suppression list is
    skipped, and a job with nobody left is ``SUPPRESSED``;
-2. the template and subject are rendered (:mod:`formcraftd.templating`;
+2. the subject and template are rendered in a render thread, under the
+   render timeout (:mod:`.templating`, :mod:`.render_threads`;
    ``TEMPLATE_ERROR``), attachments are read from inside `attachments_dir`
-   (``ATTACHMENT_ERROR``) and the MIME message is built (:mod:`formcraftd.mime`;
-   header injection is ``VALIDATION_ERROR``) — on the event loop when that is
-   quick, in a worker thread when it is not (see :meth:`EmailHandler._message`);
-3. one SMTP transaction on a kept-open connection (:mod:`formcraftd.smtp_pool`),
+   (``ATTACHMENT_ERROR``) and the MIME message is built (:mod:`.mime`; header
+   injection is ``VALIDATION_ERROR``) — on the event loop without attachments,
+   in a worker thread with them (see :meth:`EmailHandler._message`);
+3. one SMTP transaction on a kept-open connection (:mod:`.smtp_pool`),
    with an answer per recipient: 2xx accepted; 5xx refused for good (the
    address goes on the suppression list); 4xx deferred. Deferred recipients
    are retried *alone* — the retried job carries only them — so nobody gets
@@ -22,12 +23,13 @@ credentials are permanent (``AUTH_REVOKED``) and logged as an alert.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -37,9 +39,10 @@ from formcraftd.core.events import Emit
 from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import EmailJob
 from formcraftd.workers.email import mime
+from formcraftd.workers.email.render_threads import RenderThreads, RenderThreadsBusy
 from formcraftd.workers.email.smtp_pool import (
     IDLE_TIMEOUT_S,
-    Delivery,
+    RecipientReplies,
     SmtpError,
     SmtpPool,
     SmtpSettings,
@@ -47,7 +50,6 @@ from formcraftd.workers.email.smtp_pool import (
 from formcraftd.workers.email.suppression import SuppressionError, SuppressionList
 from formcraftd.workers.email.templating import (
     RENDER_TIMEOUT_S,
-    RenderDeferred,
     Rendered,
     TemplateFailure,
     TemplateRenderer,
@@ -137,6 +139,8 @@ class EmailHandler:
         self._user_agent = user_agent
         self._render_timeout_s = render_timeout_s
         self._renderer = TemplateRenderer(config.templates_dir, timeout_s=render_timeout_s)
+        # One render thread per job the consumer may run at once: see render_threads.
+        self.render_threads = RenderThreads(config.concurrency)
         self.pool = SmtpPool(self._settings.smtp, config.concurrency, idle_timeout_s=idle_timeout_s)
         self.suppression = SuppressionList(config.state_dir)
 
@@ -146,25 +150,27 @@ class EmailHandler:
         await self.pool.start()
 
     async def aclose(self) -> None:
-        """Close the pool, then the suppression list, logging and continuing on errors."""
+        """Close the pool, the suppression list, the render threads; log and go on on errors."""
         closers = (("SMTP pool", self.pool.aclose), ("suppression list", self.suppression.aclose))
         for name, close in closers:
             try:
                 await close()
             except Exception:
                 log.exception("closing the %s failed", name)
+        self.render_threads.close()
 
     def prefetch(self, concurrency: int) -> int:
         """A second round of jobs ready while one runs."""
         return concurrency * 2
 
     def reconfigure(self, config: EmailWorkerConfig) -> None:
-        """Apply a reload: new settings, pool size, and a fresh template cache."""
+        """Apply a reload: new settings, pool and render thread counts, a fresh template cache."""
         settings = _Settings.from_config(config)
         renderer = TemplateRenderer(config.templates_dir, timeout_s=self._render_timeout_s)
         if settings.state_dir != self._settings.state_dir:
             log.warning("workers.email.state_dir changed; the suppression list moves on restart")
         self.pool.reconfigure(settings.smtp, settings.concurrency)
+        self.render_threads.resize(settings.concurrency)
         self._settings, self._renderer = settings, renderer
 
     def breaker_key(self, job: EmailJob) -> str:
@@ -178,7 +184,7 @@ class EmailHandler:
         message = await self._message(job, ctx, [r.address for r in recipients], settings, renderer)
         started = time.monotonic()
         try:
-            delivery = await self.pool.send(
+            replies = await self.pool.send(
                 settings.envelope_sender(ctx.job_id), [r.envelope for r in recipients], message
             )
         except SmtpError as exc:
@@ -186,14 +192,14 @@ class EmailHandler:
         log.debug(
             "job %s: %d accepted, %d refused by %s in %.0f ms (attempt %d)",
             ctx.job_id,
-            len(delivery.accepted),
-            len(delivery.refused),
+            len(replies.accepted),
+            len(replies.refused),
             settings.smtp.endpoint,
             (time.monotonic() - started) * 1000,
             ctx.attempt,
             extra={"queue": ctx.queue, "job_id": ctx.job_id},
         )
-        await self._judge(job, ctx, recipients, delivery)
+        await self._judge(job, ctx, recipients, replies)
 
     def _unsuppressed(self, recipients: list[_Recipient], ctx: JobContext) -> list[_Recipient]:
         """The recipients not on the suppression list; SUPPRESSED when none is left."""
@@ -222,21 +228,16 @@ class EmailHandler:
         settings: _Settings,
         renderer: TemplateRenderer,
     ) -> bytes:
-        """Render and build the message; raises the job's PermanentFailure if it cannot be.
+        """Render and build the message; raises the job's fate if it cannot be.
 
-        The usual job (compiled templates, a quick render, no attachments) is
-        composed right here, which costs less than a trip to a thread. A
-        template to compile, a render that outlasts the inline slice, and any
-        attachment (file reads, base64) go to a worker thread instead.
+        Rendering always happens in a render thread. Building the message
+        costs less than a trip to a thread, except with attachments (file
+        reads, base64), which go to a worker thread too.
         """
         payload = job.payload
         try:
             mime.check_header_text(payload.subject, "subject")
-            args = (payload.template, payload.subject, _context(job))
-            try:
-                rendered = renderer.render(*args, inline=True)
-            except RenderDeferred:
-                rendered = await asyncio.to_thread(renderer.render, *args)
+            rendered = await self._render(job, renderer)
             if payload.attachments:
                 return await asyncio.to_thread(
                     self._build, job, ctx, recipients, settings, rendered
@@ -248,6 +249,34 @@ class EmailHandler:
             raise PermanentFailure("TEMPLATE_ERROR", str(exc), reached_service=False) from None
         except mime.AttachmentRefused as exc:
             raise PermanentFailure("ATTACHMENT_ERROR", str(exc), reached_service=False) from None
+
+    async def _render(self, job: EmailJob, renderer: TemplateRenderer) -> Rendered:
+        """The rendered parts; TemplateFailure, or RetryLater when no render thread is free."""
+        payload, metadata = job.payload, job.metadata
+        render = functools.partial(
+            renderer.render,
+            payload.template,
+            payload.subject,
+            payload.data,
+            form_id=metadata.form_id,
+            submission_id=metadata.submission_id,
+        )
+        try:
+            return await self.render_threads.run(render, renderer.timeout_s)
+        except TimeoutError:
+            log.warning(
+                "rendering %r took longer than %g s; its thread stays taken until the render"
+                " returns (%d of %d render threads held by abandoned renders)",
+                payload.template,
+                renderer.timeout_s,
+                self.render_threads.abandoned,
+                self.render_threads.size,
+            )
+            raise TemplateFailure(
+                f"{payload.template}: rendering took longer than {renderer.timeout_s:g} s"
+            ) from None
+        except RenderThreadsBusy as exc:
+            raise RetryLater(str(exc), counts_for_breaker=False) from None
 
     def _build(
         self,
@@ -273,11 +302,15 @@ class EmailHandler:
         )
 
     async def _judge(
-        self, job: EmailJob, ctx: JobContext, recipients: list[_Recipient], delivery: Delivery
+        self,
+        job: EmailJob,
+        ctx: JobContext,
+        recipients: list[_Recipient],
+        replies: RecipientReplies,
     ) -> None:
         """Suppress 5xx recipients; retry the 4xx ones alone; fail if nobody got the mail."""
-        rejected = {rcpt: reply for rcpt, reply in delivery.refused.items() if reply[0] >= 500}
-        deferred = {rcpt: reply for rcpt, reply in delivery.refused.items() if reply[0] < 500}
+        rejected = {rcpt: reply for rcpt, reply in replies.refused.items() if reply[0] >= 500}
+        deferred = {rcpt: reply for rcpt, reply in replies.refused.items() if reply[0] < 500}
         for rcpt, (code, text) in rejected.items():
             await self._suppress(rcpt, code, text, ctx)
         if deferred:
@@ -291,7 +324,7 @@ class EmailHandler:
                 replacement=msgspec.structs.replace(job, payload=payload),
                 counts_for_breaker=False,  # the relay answered: greylisting is not an outage
             )
-        if not delivery.accepted:
+        if not replies.accepted:
             code, text = next(iter(rejected.values()))
             raise PermanentFailure(
                 "RECIPIENT_REJECTED",
@@ -324,15 +357,6 @@ def _recipients(job: EmailJob) -> list[_Recipient]:
         key = mime.address_key(address)
         unique.setdefault(key, _Recipient(raw, address, key))
     return list(unique.values())
-
-
-def _context(job: EmailJob) -> dict[str, Any]:
-    """What templates see: `data`, `form_id`, `submission_id` (and `subject`, once rendered)."""
-    return {
-        "data": job.payload.data,
-        "form_id": job.metadata.form_id,
-        "submission_id": job.metadata.submission_id,
-    }
 
 
 def _failure(exc: SmtpError, settings: _Settings) -> PermanentFailure | RetryLater:

@@ -35,7 +35,6 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from pathlib import Path
-from typing import Any
 
 from formcraftd.core.errors import FormcraftError
 
@@ -56,7 +55,6 @@ __all__ = [
 # Parses addresses; messages are all 7bit, so no 8BITMIME or SMTPUTF8 is ever required.
 POLICY = email.policy.SMTP.clone(cte_type="7bit")
 _MAX_LINE = 998  # RFC 5322, without the CRLF
-_LINE_BREAK = re.compile(r"[\r\n]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _READ_CHUNK = 1 << 20
@@ -252,7 +250,7 @@ def build_message(
         if mailer:
             root["X-Mailer"] = mailer
         out = io.BytesIO()
-        _BodyAtOnceGenerator(out, mangle_from_=False, policy=_GENERATOR_POLICY).flatten(root)
+        BytesGenerator(out, mangle_from_=False, policy=email.policy.compat32).flatten(root)
         return out.getvalue()
     except (ValueError, TypeError, HeaderParseError) as exc:
         raise HeaderRefused(f"the message cannot be built: {exc}") from None
@@ -266,45 +264,6 @@ def format_address(address: Address) -> str:
 def _boundary() -> str:
     """A random boundary: no body can contain it by chance, and none need be scanned for it."""
     return f"=_fc_{secrets.token_hex(12)}"
-
-
-class _QuickFoldPolicy(email.policy.Compat32):
-    """compat32, minus the folding machinery for the short ASCII headers that need none.
-
-    Folding runs the `Header` encoder for every header of every part, which
-    was most of the time spent building a message.
-    """
-
-    def fold_binary(self, name: str, value: Any) -> bytes:
-        if isinstance(value, str) and _quick(name, value):
-            return f"{name}: {value}{self.linesep}".encode("ascii")
-        return super().fold_binary(name, value)
-
-    def fold(self, name: str, value: Any) -> str:
-        if isinstance(value, str) and _quick(name, value):
-            return f"{name}: {value}{self.linesep}"
-        return super().fold(name, value)
-
-
-def _quick(name: str, value: str) -> bool:
-    return len(name) + len(value) < 76 and value.isascii() and not _LINE_BREAK.search(value)
-
-
-_GENERATOR_POLICY = _QuickFoldPolicy()
-
-
-class _BodyAtOnceGenerator(BytesGenerator):
-    """Writes a body in one piece when its line endings are already the generator's.
-
-    The stock generator splits every body into lines to rewrite their endings;
-    ours are all `\\n` already (aiosmtplib turns them into CRLF on the wire).
-    """
-
-    def _write_lines(self, lines: str) -> None:
-        if self._NL == "\n" and "\r" not in lines:  # type: ignore[attr-defined]
-            self.write(lines)
-        else:
-            super()._write_lines(lines)  # type: ignore[misc]
 
 
 def _header_text(value: str) -> str:

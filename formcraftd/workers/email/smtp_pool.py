@@ -8,7 +8,7 @@ another on them is most of the email worker's throughput. The pool:
   used first, so that spare ones go idle and are closed after `idle_timeout_s`
   by a small reaper task owned by :meth:`SmtpPool.start` / :meth:`SmtpPool.aclose`;
 - runs each transaction as MAIL, one RCPT per recipient, DATA, so every
-  recipient gets its own answer (:class:`Delivery`);
+  recipient gets its own answer (:class:`RecipientReplies`);
 - when a kept-open connection turns out to be gone before any message data
   was sent (closed, or a 421 in answer to MAIL, which is how a server that
   timed the session out answers), drops it and runs the transaction once
@@ -37,7 +37,7 @@ from formcraftd.core.config import EmailWorkerConfig
 from formcraftd.core.errors import FormcraftError
 from formcraftd.core.limits import ResizableLimiter
 
-__all__ = ["Delivery", "SmtpError", "SmtpPool", "SmtpSettings"]
+__all__ = ["RecipientReplies", "SmtpError", "SmtpPool", "SmtpSettings"]
 
 log = logging.getLogger("formcraftd.email")
 
@@ -102,7 +102,7 @@ class _Stale(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
+class RecipientReplies:
     """The server's answer per recipient: accepted ones, and refused ones with their reply."""
 
     accepted: tuple[str, ...]
@@ -160,7 +160,9 @@ class SmtpPool:
         self._settings = settings
         self._limiter.resize(size)
 
-    async def send(self, sender: str, recipients: Sequence[str], message: bytes) -> Delivery:
+    async def send(
+        self, sender: str, recipients: Sequence[str], message: bytes
+    ) -> RecipientReplies:
         """One transaction: MAIL FROM `sender`, RCPT TO each recipient, DATA `message`."""
         async with self._limiter:
             settings = self._settings
@@ -246,7 +248,7 @@ class SmtpPool:
         message: bytes,
         *,
         redo: bool,
-    ) -> Delivery:
+    ) -> RecipientReplies:
         stage = "mail"
         client = conn.client
         try:
@@ -255,8 +257,8 @@ class SmtpPool:
             options = [f"SIZE={size}"] if client.supports_extension("size") else []
             await _mail(client, sender, options)
             stage = "rcpt"
-            delivery = await _recipients(client, recipients)
-            if delivery.accepted:
+            replies = await _recipients(client, recipients)
+            if replies.accepted:
                 stage = "data"
                 await _data(client, message)
             else:
@@ -282,7 +284,7 @@ class SmtpPool:
             raise
         conn.transactions += 1
         self._give_back(conn)
-        return delivery
+        return replies
 
 
 async def _greet(client: aiosmtplib.SMTP) -> None:
@@ -332,7 +334,7 @@ async def _mail(client: aiosmtplib.SMTP, sender: str, options: list[str]) -> Non
         )
 
 
-async def _recipients(client: aiosmtplib.SMTP, recipients: Sequence[str]) -> Delivery:
+async def _recipients(client: aiosmtplib.SMTP, recipients: Sequence[str]) -> RecipientReplies:
     accepted: list[str] = []
     refused: dict[str, tuple[int, str]] = {}
     for recipient in recipients:
@@ -343,7 +345,7 @@ async def _recipients(client: aiosmtplib.SMTP, recipients: Sequence[str]) -> Del
         refused[recipient] = (response.code, _one_line(response.message))
         if not client.is_connected:  # a 421 closes the connection
             raise aiosmtplib.SMTPServerDisconnected(_reply(response.code, response.message))
-    return Delivery(tuple(accepted), refused)
+    return RecipientReplies(tuple(accepted), refused)
 
 
 async def _data(client: aiosmtplib.SMTP, message: bytes) -> None:

@@ -22,23 +22,9 @@ from tests.support.smtp import (
     SmtpServer,
     email_payload,
     make_certificate,
-    running_servers,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.email, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-async def smtp_factory() -> AsyncIterator[SmtpFactory]:
-    """Starts aiosmtpd servers on loopback; all are stopped afterwards."""
-    async with running_servers() as start:
-        yield start
-
-
-@pytest.fixture
-async def smtp_server(smtp_factory: SmtpFactory) -> SmtpServer:
-    """A plain SMTP server that accepts everything."""
-    return await smtp_factory()
 
 
 def email_config(names: Names, server: SmtpServer, state_dir: Path, **email: Any) -> Config:
