@@ -133,6 +133,7 @@ bench: $(BENCH_STAMP) rabbitmq
 lint: venv
 	$(BIN)/ruff check formcraftd tests bench
 	$(BIN)/mypy formcraftd
+	$(BIN)/lint-imports
 
 # Build and cache litter; the virtualenv stays (distclean removes it too).
 clean:
