@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,14 +22,19 @@ CORE_NO_IO = "The core does no I/O of AMQP or HTTP"
 AMQP_NO_WORKER = "The AMQP layer knows no worker"
 NO_CYCLES = "No import cycles between the siblings of any package"
 CONTRACTS = (LAYERS, WORKERS_INDEPENDENT, WORKERS_NO_AMQP, CORE_NO_IO, AMQP_NO_WORKER, NO_CYCLES)
+# Older import-linter releases colour their output whatever NO_COLOR says.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
-    """Run lint-imports on the package under `tree` with the pyproject.toml found there."""
+def lint_imports(tree: Path) -> tuple[int, str]:
+    """Run lint-imports on the package under `tree` with the pyproject.toml found there.
+
+    Returns its exit status and its output (stdout and stderr, without colours).
+    """
     # The tree goes first on the path, so the package analysed is this tree's even when
     # another copy of formcraftd is installed (editable) in the environment.
     env = {**os.environ, "PYTHONPATH": str(tree), "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run(
+    result = subprocess.run(
         [str(LINT_IMPORTS), "--no-cache", "--config", str(tree / "pyproject.toml")],
         cwd=tree,
         env=env,
@@ -37,13 +43,13 @@ def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+    return result.returncode, ANSI_ESCAPE.sub("", result.stdout + result.stderr)
 
 
 def test_the_package_keeps_every_import_contract() -> None:
     """lint-imports passes on the package as it is, and checks every contract we name here."""
-    result = lint_imports(ROOT)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    status, output = lint_imports(ROOT)
+    assert status == 0, output
     for name in CONTRACTS:
         assert f"{name} KEPT" in output, output
 
@@ -85,9 +91,8 @@ def test_a_forbidden_import_breaks_its_contract(
 ) -> None:
     """Adding an import the rules forbid makes lint-imports fail and name the contract."""
     append(package_copy / "formcraftd" / module, source)
-    result = lint_imports(package_copy)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    status, output = lint_imports(package_copy)
+    assert status != 0, output
     assert f"{broken} BROKEN" in output, output
 
 
@@ -96,9 +101,8 @@ def test_a_type_only_import_cycle_breaks_the_acyclic_contract(package_copy: Path
     core = package_copy / "formcraftd" / "core"
     (core / "cycle_a.py").write_text("import formcraftd.core.cycle_b\n")
     (core / "cycle_b.py").write_text(TYPE_ONLY.format(module="formcraftd.core.cycle_a"))
-    result = lint_imports(package_copy)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    status, output = lint_imports(package_copy)
+    assert status != 0, output
     assert f"{NO_CYCLES} BROKEN" in output, output
     assert f"{LAYERS} KEPT" in output, output
 
@@ -106,7 +110,6 @@ def test_a_type_only_import_cycle_breaks_the_acyclic_contract(package_copy: Path
 def test_a_top_level_module_outside_every_layer_breaks_the_layers(package_copy: Path) -> None:
     """A new module directly under formcraftd must be given a layer (the contract is exhaustive)."""
     (package_copy / "formcraftd" / "misc.py").write_text('"""Belongs nowhere."""\n')
-    result = lint_imports(package_copy)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    status, output = lint_imports(package_copy)
+    assert status != 0, output
     assert f"{LAYERS} BROKEN" in output, output
