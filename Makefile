@@ -54,6 +54,7 @@ AMQP_UP = $(PYTHON) -c 'import socket, sys; s = socket.socket(); s.settimeout(1)
 venv: $(STAMP)
 
 $(BIN)/python:
+	@echo "venv: creating $(VENV) with $$($(PYTHON) --version) (pip comes with it)"
 	$(PYTHON) -m venv $(VENV)
 
 # Re-installs whenever a lock file it installs from or pyproject.toml (the project's
