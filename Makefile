@@ -1,15 +1,19 @@
 # formcraftd — set up, run and test. The machine needs python3 and
-# rabbitmq-server; everything else is installed into .venv by `make venv`.
+# rabbitmq-server; everything else is installed into .venv by `make venv`, from the
+# lock files in requirements/ (exact versions, every file's sha256).
 #
 #   make run                     set up, start RabbitMQ if needed, run the daemon
 #   make test                    every test (PYTEST_ARGS="-k breaker -x" to narrow)
 #   make test-worker WORKER=email   one worker's tests (webhook | email | sheets)
+#   make test-lowest             the tests against the lowest versions pyproject.toml allows
+#   make lock | lock-upgrade     recompile requirements/*.txt (keep pins | newest allowed)
 #   make bench | lint | clean | distclean
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 CONFIG ?= config.toml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
@@ -18,22 +22,78 @@ AMQP_HOST ?= 127.0.0.1
 AMQP_PORT ?= 5672
 RABBITMQ_WAIT_S ?= 60
 
+# Lock files. Only pip installs from them, and only with --require-hashes: a file
+# whose sha256 is not in the lock, or a dependency the lock forgot, stops the install.
+REQ := requirements
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PIP_LOCKED := $(PIP) install --require-hashes --no-input
+
+# uv compiles the locks (it is in the dev extra, so the venv has it).
+# --universal: one lock valid on every OS and CPU, with environment markers where a
+# dependency differs (colorama on Windows, ...) and the hashes of every wheel, so the
+# Linux service, CI and a developer's Mac install the same versions from the same
+# files. A --python-platform lock would be right for one platform only and silently
+# wrong on the others. --python-version 3.11: the oldest Python pyproject.toml allows.
+UV ?= $(BIN)/uv
+LOCK_ARGS ?=
+UV_COMPILE = $(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' $(LOCK_ARGS)
+
+# The lowest-versions run (`make test-lowest`) builds its own venv, outside the tree.
+LOWEST_VENV ?= /tmp/formcraftd-lowest
+LOWEST_TESTS ?= tests
+
 # Exit status 0 when something accepts TCP connections on AMQP_HOST:AMQP_PORT.
 AMQP_UP = $(PYTHON) -c 'import socket, sys; s = socket.socket(); s.settimeout(1); \
 	sys.exit(s.connect_ex(("$(AMQP_HOST)", $(AMQP_PORT))) != 0)'
 
-.PHONY: venv rabbitmq run test test-worker test-cluster bench lint clean distclean
+.PHONY: venv lock lock-upgrade rabbitmq run test test-worker test-lowest test-cluster bench lint \
+	clean distclean
 .DEFAULT_GOAL := test
 
 venv: $(STAMP)
 
 $(BIN)/python:
+	@echo "venv: creating $(VENV) with $$($(PYTHON) --version) (pip comes with it)"
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installs whenever pyproject.toml is newer than the stamp (new dependency, extra, ...).
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# Re-installs whenever a lock file it installs from or pyproject.toml (the project's
+# own metadata: entry points, package data) is newer than the stamp. Order: the build
+# backend, the locked dev environment (runtime + dev + sentry), then the project itself
+# with --no-deps --no-build-isolation, so nothing outside the locks is installed.
+$(STAMP): $(REQ)/build.txt $(REQ)/dev.txt pyproject.toml | $(BIN)/python
+	@echo "venv: installing the build backend from $(REQ)/build.txt"
+	$(PIP_LOCKED) -r $(REQ)/build.txt
+	@echo "venv: installing the locked dev environment from $(REQ)/dev.txt (runtime + dev + sentry)"
+	$(PIP_LOCKED) -r $(REQ)/dev.txt
+	@echo "venv: installing formcraftd itself (editable, no dependencies)"
+	$(PIP) install --no-deps --no-build-isolation --no-input -e .
+	@echo "venv: checking that the locked versions satisfy pyproject.toml (else: make lock)"
+	$(PIP) check
 	touch $@
+
+# Recompiles every lock from pyproject.toml, keeping the pinned versions that still
+# fit (`make lock-upgrade` moves everything to the newest allowed). dev.txt is
+# constrained by runtime.txt and bench.txt by dev.txt, so the tests run exactly the
+# versions a service install gets and the benchmarks exactly the versions the tests
+# ran. build.txt locks the build backend named in [build-system]. With UV=/path/to/uv
+# it runs without the venv (the first lock, or a lock too broken to install).
+lock: $(if $(filter $(BIN)/uv,$(UV)),venv)
+	@echo "lock: $(REQ)/runtime.txt (the runtime dependencies: what a service installs)"
+	$(UV_COMPILE) pyproject.toml -o $(REQ)/runtime.txt
+	@echo "lock: $(REQ)/dev.txt (runtime + dev + sentry: .venv, CI)"
+	$(UV_COMPILE) pyproject.toml --extra dev --extra sentry -c $(REQ)/runtime.txt \
+		-o $(REQ)/dev.txt
+	@echo "lock: $(REQ)/bench.txt (dev + bench: what make bench adds)"
+	$(UV_COMPILE) pyproject.toml --extra dev --extra sentry --extra bench -c $(REQ)/dev.txt \
+		-o $(REQ)/bench.txt
+	@echo "lock: $(REQ)/build.txt (the build backend of [build-system])"
+	$(PYTHON) -c 'import tomllib; \
+		print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(UV_COMPILE) - -o $(REQ)/build.txt
+
+lock-upgrade:
+	$(MAKE) lock LOCK_ARGS=--upgrade
 
 rabbitmq:
 	@if $(AMQP_UP); then \
@@ -68,19 +128,48 @@ test-worker: venv rabbitmq
 test-cluster: venv
 	FORMCRAFTD_CLUSTER_TESTS=1 $(BIN)/pytest -m cluster tests/cluster -s $(PYTEST_ARGS)
 
-# Installs the bench extra first (Celery, requests, py-spy: benchmarks only, never a
-# runtime dependency), then runs every benchmark and prints one table; a few minutes.
-bench: venv rabbitmq
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+# Installs requirements/bench.txt on top (Celery, requests, py-spy: benchmarks only,
+# never a runtime dependency), then runs every benchmark and prints one table; a few minutes.
+$(BENCH_STAMP): $(REQ)/bench.txt $(STAMP)
+	@echo "bench: installing the locked benchmark tools from $(REQ)/bench.txt"
+	$(PIP_LOCKED) -r $(REQ)/bench.txt
+	touch $@
+
+bench: $(BENCH_STAMP) rabbitmq
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The tests (and ruff, mypy) against the LOWEST version of every direct dependency
+# that pyproject.toml allows, runtime and dev alike: its lower bounds must be honest.
+# A scratch venv outside the tree; not part of `make test`; about 5 minutes.
+# Narrow it with LOWEST_TESTS="tests/core tests/amqp" or PYTEST_ARGS="-x".
+test-lowest: venv rabbitmq
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	@echo "test-lowest: resolving the lowest allowed versions into $(LOWEST_VENV)/requirements.txt"
+	$(UV) pip compile --quiet pyproject.toml --extra dev --extra sentry \
+		--resolution lowest-direct --python $(LOWEST_VENV)/bin/python --no-header \
+		-o $(LOWEST_VENV)/requirements.txt
+	@echo "test-lowest: installing them into $(LOWEST_VENV)"
+	$(LOWEST_VENV)/bin/python -m pip --disable-pip-version-check install --require-hashes \
+		--no-input -r $(REQ)/build.txt
+	$(LOWEST_VENV)/bin/python -m pip --disable-pip-version-check install --no-input \
+		-r $(LOWEST_VENV)/requirements.txt
+	$(LOWEST_VENV)/bin/python -m pip --disable-pip-version-check install --no-input \
+		--no-deps --no-build-isolation -e .
+	$(LOWEST_VENV)/bin/python -m pip --disable-pip-version-check check
+	$(LOWEST_VENV)/bin/ruff check --no-cache formcraftd tests bench
+	$(LOWEST_VENV)/bin/mypy --cache-dir $(LOWEST_VENV)/mypy-cache formcraftd
+	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider $(LOWEST_TESTS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check formcraftd tests bench
 	$(BIN)/mypy formcraftd
+	$(BIN)/lint-imports
 
 # Build and cache litter; the virtualenv stays (distclean removes it too).
 clean:
-	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis ./*.egg-info
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache \
+		./*.egg-info
 	find formcraftd tests bench -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
