@@ -194,7 +194,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 node[key] = "***"
         alert_url = self.monitoring.alert_webhook_url
         if alert_url:
-            data["monitoring"]["alert_webhook_url"] = mask_url(alert_url)
+            data["monitoring"]["alert_webhook_url"] = mask_url(alert_url, hide_path=True)
         return data
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s/]+@")
+# A URL in free text: up to whitespace, a quote, an angle bracket or a backslash
+# (JSON quotes inside JSON).
+_URL = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s"'<>`\\]+""")
 _WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
 _AUTH_SCHEME = re.compile(r"\b(?P<scheme>Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _SECRET_PAIR = re.compile(
@@ -84,20 +85,20 @@ def _has_secret_word(lower: str) -> bool:
 
 
 def redact(text: str) -> str:
-    """`text` with URL passwords, ``whsec_`` keys, bearer tokens and secret pairs masked.
+    """`text` with URL userinfo and query values, ``whsec_`` keys, bearer tokens and pairs masked.
 
     Each pattern runs only when its own words are in `text`: a substitution that
     cannot match changes nothing, and _SECRET_PAIR is slow to find nothing
     (``[\\w-]*`` tries every start in a run of word characters, such as a job
     id), while most redacted text, a failure that names a URL, needs only
-    _URL_PASSWORD. What one substitution writes in (``***``, ``:***@``, a kept
+    the URL pattern. What one substitution writes in (``***``, ``:***@``, a kept
     scheme) brings no word of a later pattern that was not there before, so the
     words are looked for once, in the text as given.
     """
     if not text.isascii():  # the case-insensitive patterns' further matches: run them all
         if _MAYBE_SECRET.search(text) is None:
             return text
-        text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+        text = _URL.sub(_mask_url_match, text)
         text = _WHSEC.sub("whsec_***", text)
         text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
         return _SECRET_PAIR.sub(_mask_value, text)
@@ -105,7 +106,7 @@ def redact(text: str) -> str:
     if not _has_secret_word(lower):
         return text
     if "://" in lower:
-        text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+        text = _URL.sub(_mask_url_match, text)
     if "whsec_" in text:
         text = _WHSEC.sub("whsec_***", text)
     if "bearer" in lower or "basic" in lower:
@@ -115,21 +116,50 @@ def redact(text: str) -> str:
     return text
 
 
-def mask_url(url: str) -> str:
-    """`url` with any password replaced by `***` (each of a comma-separated list)."""
-    return ",".join(_mask_one_url(part) for part in url.split(","))
+def mask_url(url: str, *, hide_path: bool = False) -> str:
+    """`url` (or each of a comma-separated list) with its userinfo and query values masked.
+
+    A password becomes ``***`` (``amqp://guest:***@host/``), a user name given
+    without one is masked whole (it may be a token), and so is every query
+    value (``?token=***``). With `hide_path`, the path and query are masked too
+    (``https://hooks.example/***``), for URLs whose path is the secret.
+    """
+    return ",".join(_mask_one_url(part.strip(), hide_path=hide_path) for part in url.split(","))
 
 
-def _mask_one_url(url: str) -> str:
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        return MASK
-    if parts.password is None:
-        return url.strip()
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{netloc}"))
+def _mask_url_match(match: re.Match[str]) -> str:
+    return _mask_one_url(match.group(0), hide_path=False)
+
+
+def _mask_one_url(url: str, *, hide_path: bool) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if found != -1:
+            end = min(end, found)
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        authority = f"{user}:{MASK}@{host}" if colon else f"{MASK}@{host}"
+    if hide_path:
+        return f"{scheme}://{authority}" + (f"/{MASK}" if tail.strip("/") else tail)
+    path, question, query = tail.partition("?")
+    if question:
+        query, hash_mark, fragment = query.partition("#")
+        query = "&".join(_mask_query_item(item) for item in query.split("&"))
+        tail = f"{path}?{query}{hash_mark}{fragment}"
+    return f"{scheme}://{authority}{tail}"
+
+
+def _mask_query_item(item: str) -> str:
+    key, equals, value = item.partition("=")
+    if not equals:
+        return MASK if key else key
+    return f"{key}={MASK}" if value else item
 
 
 _SENSITIVE_KEY = re.compile(

@@ -15,6 +15,9 @@ from formcraftd.core.redaction import mask_json, mask_url
     [
         ("amqp://guest:guest@localhost:5672/", "amqp://guest:***@localhost:5672/"),
         ("amqps://:p@h/ and https://u:p2@x/", "amqps://:***@h/ and https://u:***@x/"),
+        ("https://h.example/hook?token=abc&v=2#top", "https://h.example/hook?token=***&v=***#top"),
+        ("https://ghp_token123@h.example/x", "https://***@h.example/x"),
+        ('{"url": "https://h/x?sig=abc"}', '{"url": "https://h/x?sig=***"}'),
         ("key whsec_abc+/=", "key whsec_***"),
         ("authorization: bearer abc.def", "authorization: bearer ***"),
         ("{'Authorization': 'Token abc'}", "{'Authorization': '***'}"),
@@ -53,7 +56,7 @@ def redact_with_every_pattern(text: str) -> str:
     """redact() as it was before each pattern got its own pre-check: all four, in order."""
     if not redaction.might_contain_secret(text):
         return text
-    text = redaction._URL_PASSWORD.sub(r"\g<head>:***@", text)
+    text = redaction._URL.sub(redaction._mask_url_match, text)
     text = redaction._WHSEC.sub("whsec_***", text)
     text = redaction._AUTH_SCHEME.sub(r"\g<scheme> ***", text)
     return redaction._SECRET_PAIR.sub(redaction._mask_value, text)
@@ -113,6 +116,7 @@ def test_redact_leaves_ordinary_text_alone(text: str) -> None:
         ("amqp://guest:guest@localhost:5672/", "amqp://guest:***@localhost:5672/"),
         ("amqp://a:1@h1/,amqp://b:2@h2/", "amqp://a:***@h1/,amqp://b:***@h2/"),
         ("amqp://localhost/", "amqp://localhost/"),
+        ("amqps://u:p@h/vhost?auth_mechanism=x", "amqps://u:***@h/vhost?auth_mechanism=***"),
     ],
 )
 def test_mask_url_masks_every_password_of_a_list(url: str, expected: str) -> None:
@@ -130,3 +134,10 @@ def test_mask_json_masks_values_under_secret_keys_at_any_depth() -> None:
         "payload": {"secret": "***", "headers": {"X-Api-Key": "***"}, "note": "Bearer ***"},
         "list": [{"refresh_token": "***"}, "plain"],
     }
+
+
+def test_mask_url_can_hide_a_path_that_is_the_secret() -> None:
+    """An alert sink's URL path (a Slack-style hook token) is hidden; the origin stays."""
+    url = "https://hooks.example/services/T0/B0/abcdef?x=1"
+    assert mask_url(url, hide_path=True) == "https://hooks.example/***"
+    assert mask_url("https://u:p@hooks.example/", hide_path=True) == "https://u:***@hooks.example/"
