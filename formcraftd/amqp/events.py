@@ -2,8 +2,9 @@
 
 Publishing never slows or fails a job: :meth:`EventPublisher.emit` only puts the
 event in a bounded buffer; a background task publishes it, with publisher
-confirms, on a connection of its own (a broker that blocks publishers blocks
-only that connection). When the buffer is full or the broker refuses, the
+confirms, on a connection of its own (:mod:`formcraftd.amqp.confirms`: a
+batch is one write; a broker that blocks publishers blocks only that
+connection). When the buffer is full or the broker refuses, the
 event is dropped and counted (`formcraftd_events_dropped_total`). The events
 themselves are in :mod:`formcraftd.core.events`.
 """
@@ -18,14 +19,10 @@ import logging
 import os
 import time
 
-import aio_pika
 import msgspec
-from aio_pika.abc import AbstractChannel
-from aiormq.abc import AbstractChannel as AmqpChannel
-from pamqp.commands import Basic
 from prometheus_client import Counter
 
-from formcraftd.amqp.connection import Broker
+from formcraftd.amqp.confirms import ConfirmingPublisher
 from formcraftd.core.config import BrokerConfig, EventsConfig
 from formcraftd.core.events import Event, routing_key
 
@@ -56,8 +53,9 @@ class EventPublisher:
         self._buffer: collections.deque[Event] = collections.deque()
         self._wakeup: asyncio.Future[None] | None = None  # what `run()` awaits while parked
         self._parked = True  # `run()` waits for an event (or has not started)
-        self._broker = Broker(broker, name="formcraftd events")
-        self._channel: AbstractChannel | None = None  # the exchange is declared on it
+        self._nodes = [url.strip() for url in broker.url.split(",") if url.strip()]
+        self._next_node = 0
+        self._publisher: ConfirmingPublisher | None = None
         self._last_warning = -DROP_WARNING_INTERVAL_S
         self._dropped_since_warning = 0
         self._idle = asyncio.Event()  # set while nothing waits to be published
@@ -107,9 +105,7 @@ class EventPublisher:
                     batch = [buffer.popleft() for _ in range(BATCH_SIZE)]
                 await self._publish(batch)
         finally:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await self._broker.aclose()
+            await self._forget_publisher()
 
     async def drained(self) -> None:
         """Return once every buffered event has been published (or dropped)."""
@@ -118,56 +114,34 @@ class EventPublisher:
     async def _publish(self, batch: list[Event]) -> None:
         """Publish `batch`; what the broker does not confirm in time is dropped and counted.
 
-        Every event is published at once and their confirms are awaited together:
-        an event counts as published only once the broker acked it; a nack, a
-        channel or connection lost before the ack, or the batch timing out drops it.
+        An event counts as published only once the broker acked it: a nack, the
+        connection lost before the ack, or the batch timing out drops it.
         """
         published = 0
         error: BaseException | None = None
-        sends: list[asyncio.Task[object]] = []
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                channel = await self._ensure_channel()
-                exchange = self._config.exchange
-                bodies = _encoder.encode_lines(batch).split(b"\n")
-                ids = binascii.hexlify(os.urandom(_MESSAGE_ID_BYTES * len(batch))).decode()
-                for index, event in enumerate(batch):
-                    key = routing_key(event)
-                    message_id = ids[index * _MESSAGE_ID_CHARS : (index + 1) * _MESSAGE_ID_CHARS]
-                    properties = Basic.Properties(
-                        content_type="application/json",
-                        delivery_mode=2,
-                        message_id=message_id,
-                        message_type=key,
-                    )
-                    sends.append(
-                        asyncio.ensure_future(
-                            channel.basic_publish(
-                                bodies[index],
-                                exchange=exchange,
-                                routing_key=key,
-                                properties=properties,
-                            )
-                        )
-                    )
-                # asyncio.wait, not gather: a failure must not cancel the other publishes
-                await asyncio.wait(sends)
+                publisher = await self._ensure_publisher()
+            bodies = _encoder.encode_lines(batch).split(b"\n")
+            ids = binascii.hexlify(os.urandom(_MESSAGE_ID_BYTES * len(batch))).decode()
+            messages = [
+                (
+                    routing_key(event),
+                    bodies[n],
+                    ids[n * _MESSAGE_ID_CHARS : (n + 1) * _MESSAGE_ID_CHARS],
+                )
+                for n, event in enumerate(batch)
+            ]
+            published = await publisher.publish(messages, PUBLISH_TIMEOUT_S)
+            error = publisher.closed
         except Exception as exc:  # a timeout, no connection, or no usable exchange
             error = exc
-        for send in sends:
-            if not send.done():
-                send.cancel()
-            elif not send.cancelled() and send.exception() is None:
-                if isinstance(send.result(), Basic.Ack):
-                    published += 1
-            elif error is None and not send.cancelled():
-                error = send.exception()
         self.published += published
         if failures := len(batch) - published:
             self._dropped.inc(failures)
             self._warn_dropped(failures, error)
-            if self._channel is not None and self._channel.is_closed:
-                await self._forget_channel()  # open one and re-declare next time
+        if error is not None:
+            await self._forget_publisher()  # connect (and declare) again next time
 
     def _warn_dropped(self, count: int, example: BaseException | None) -> None:
         """One warning per outage, then at most one a minute (not one per event)."""
@@ -183,33 +157,23 @@ class EventPublisher:
         self._dropped_since_warning = 0
         self._last_warning = now
 
-    async def _ensure_channel(self) -> AmqpChannel:
-        """The confirming channel to publish on, connecting and declaring the exchange first.
+    async def _ensure_publisher(self) -> ConfirmingPublisher:
+        """The events connection, opened (and the exchange declared) when there is none.
 
-        The connection is the publisher's own :class:`Broker`, which reconnects by
-        itself, round the node list; this waits for it (within the batch's timeout)
-        and opens a channel again when the one it had is gone.
+        Each opening tries the next node of `broker.url`, so a node that is gone
+        costs one failed batch, not every batch.
         """
-        self._broker.start()
-        connection = await self._broker.ready()
-        if self._channel is None or self._channel.is_closed:
-            channel = await connection.channel(publisher_confirms=True)
-            try:
-                await channel.declare_exchange(
-                    self._config.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-                )
-            except Exception:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                        await channel.close()
-                raise
-            self._channel = channel
-        return await self._channel.get_underlay_channel()
+        if self._publisher is not None and self._publisher.closed is not None:
+            await self._forget_publisher()  # the broker closed it meanwhile
+        if self._publisher is None:
+            url = self._nodes[self._next_node % len(self._nodes)]
+            self._next_node += 1
+            self._publisher = await ConfirmingPublisher.open(url, self._config.exchange)
+        return self._publisher
 
-    async def _forget_channel(self) -> None:
-        """Close a channel the broker closed (e.g. the exchange was deleted under it)."""
-        channel, self._channel = self._channel, None
-        if channel is not None:
+    async def _forget_publisher(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await channel.close()
+                    await publisher.close()

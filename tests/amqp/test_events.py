@@ -15,13 +15,14 @@ from typing import Any
 import aio_pika
 import msgspec
 import orjson
+import pamqp.frame
 import pytest
 from aio_pika.abc import AbstractQueue
 from aiohttp import web
-from pamqp.commands import Basic
 from prometheus_client import CollectorRegistry, Counter
 
 from formcraftd.amqp import events as events_module
+from formcraftd.amqp.confirms import ConfirmingPublisher
 from formcraftd.amqp.events import EventPublisher
 from formcraftd.core.config import BrokerConfig, Config, EventsConfig
 from formcraftd.core.events import DeliveryEvent, Event, TokenRefreshedEvent, now, routing_key
@@ -453,7 +454,7 @@ async def test_nacked_events_are_dropped_counted_and_warned_about_once(
             await running.emit(*(delivery(n) for n in range(5, 10)))
             assert (running.publisher.published, running.dropped()) == (2, 8)
     [warning] = [r for r in caplog.records if r.name == "formcraftd.events"]
-    assert warning.getMessage().startswith("dropped 3 delivery events (DeliveryError)")
+    assert warning.getMessage().startswith("dropped 3 delivery events (unconfirmed)")
     await channel.close()
 
 
@@ -549,56 +550,89 @@ async def _close_connections_through(proxy: TcpProxy) -> None:
         await _rabbitmqctl("close_connection", pid, "test: the events connection goes away")
 
 
-class StubChannel:
-    """Answers `basic_publish` (the one channel call the publisher makes) as told.
+class StubConnection:
+    """Takes what a publisher writes; confirms come only when a test hands them over."""
 
-    `answers` says what each publish, in order, gets: "ack", "nack", "hang" (no
-    confirm ever) or an exception to raise, as aiormq does when a channel closes.
-    """
+    frame_max = 131_072
 
-    def __init__(self, *answers: str | BaseException) -> None:
-        self.answers = list(answers)
-        self.published: list[tuple[str, bytes]] = []
+    def __init__(self) -> None:
+        self.written = b""
 
-    async def basic_publish(self, body: bytes, *, routing_key: str, **_: object) -> object:
-        self.published.append((routing_key, body))
-        answer = self.answers.pop(0)
-        if isinstance(answer, BaseException):
-            raise answer
-        if answer == "hang":
-            await asyncio.Event().wait()
-        return Basic.Ack(delivery_tag=1) if answer == "ack" else Basic.Nack(delivery_tag=1)
+    def write(self, frames: bytes) -> None:
+        self.written += frames
+
+    async def drain(self) -> None:
+        return None
 
 
-async def publish_on(channel: StubChannel, count: int) -> Publishing:
-    """Publish a batch of `count` events through the stub; the publisher's counts after."""
-    running = Publishing(Names(), AMQP_URL)
-
-    async def ensure_channel() -> StubChannel:
-        return channel
-
-    running.publisher._ensure_channel = ensure_channel  # type: ignore[assignment,method-assign]
-    await running.publisher._publish([delivery(n) for n in range(count)])
-    return running
-
-
-async def test_only_acked_events_count_as_published(caplog: pytest.LogCaptureFixture) -> None:
-    """Acks count; a nack or a publish failing as its channel closes drops (and warns)."""
-    channel = StubChannel("ack", "nack", "ack", ConnectionResetError("lost"), "ack")
-    running = await publish_on(channel, 5)
-    assert (running.publisher.published, running.dropped()) == (3, 2)
-    assert [key for key, _ in channel.published] == ["webhook.succeeded"] * 5
-    [warning] = [r for r in caplog.records if r.name == "formcraftd.events"]
-    assert warning.getMessage().startswith("dropped 2 delivery events")
+async def publishing_batch(
+    publisher: ConfirmingPublisher, count: int, within_s: float = 5.0
+) -> asyncio.Task[int]:
+    """A batch of `count` messages written and waiting for its confirms."""
+    messages = [("webhook.succeeded", b"{}", f"{n:032x}") for n in range(count)]
+    task = asyncio.create_task(publisher.publish(messages, within_s))
+    await asyncio.sleep(0)
+    assert not task.done()
+    return task
 
 
-async def test_a_batch_that_times_out_drops_what_was_not_confirmed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """What the broker has not confirmed when the batch times out is dropped for good."""
-    monkeypatch.setattr(events_module, "PUBLISH_TIMEOUT_S", 0.2)
-    running = await publish_on(StubChannel("ack", "hang", "hang"), 3)
-    assert (running.publisher.published, running.dropped()) == (1, 2)
+async def test_confirms_in_any_order_count_each_ack_once() -> None:
+    """Single and multiple acks and nacks, out of order: a batch ends with its last confirm."""
+    publisher = ConfirmingPublisher(StubConnection(), "fc.events")  # type: ignore[arg-type]
+    task = await publishing_batch(publisher, 5)
+    publisher._confirm(2, multiple=True, acked=True)
+    publisher._confirm(4, multiple=False, acked=True)
+    publisher._confirm(3, multiple=False, acked=False)
+    assert not task.done()
+    publisher._confirm(5, multiple=True, acked=True)
+    assert await task == 4
+    publisher._confirm(5, multiple=True, acked=True)  # a late duplicate changes nothing
+
+
+async def test_a_batch_that_times_out_counts_only_what_was_acked() -> None:
+    """Unconfirmed when the time is up: dropped for good, later acks ignored."""
+    publisher = ConfirmingPublisher(StubConnection(), "fc.events")  # type: ignore[arg-type]
+    task = await publishing_batch(publisher, 3, within_s=0.2)
+    publisher._confirm(1, multiple=False, acked=True)
+    assert await task == 1
+    publisher._confirm(3, multiple=True, acked=True)
+    next_batch = await publishing_batch(publisher, 1)
+    publisher._confirm(4, multiple=False, acked=True)
+    assert await next_batch == 1
+
+
+async def test_a_lost_connection_ends_the_batch_with_what_was_acked() -> None:
+    """The connection goes after one ack: the batch returns at once with that one."""
+    publisher = ConfirmingPublisher(StubConnection(), "fc.events")  # type: ignore[arg-type]
+    task = await publishing_batch(publisher, 3)
+    publisher._confirm(1, multiple=False, acked=True)
+    publisher._fail_all(ConnectionResetError("gone"))
+    assert await task == 1
+
+
+async def test_each_message_is_the_frames_pamqp_reads_back() -> None:
+    """Publish, content header and body frames that pamqp unmarshals to what was sent."""
+    connection = StubConnection()
+    connection.frame_max = 64  # a body longer than one frame is split
+    publisher = ConfirmingPublisher(connection, "fc.events")  # type: ignore[arg-type]
+    body = b'{"job": "' + b"x" * 110 + b'"}'  # 121 bytes: three frames of up to 56
+    sending = asyncio.create_task(
+        publisher.publish([("email.retrying", body, "a" * 32)], within_s=0.1)
+    )
+    assert await sending == 0
+    frames, data = [], connection.written
+    while data:
+        consumed, _channel, frame = pamqp.frame.unmarshal(data)
+        frames.append(frame)
+        data = data[consumed:]
+    publish, header, *chunks = frames
+    assert (publish.exchange, publish.routing_key) == ("fc.events", "email.retrying")
+    assert header.body_size == len(body)
+    assert header.properties.message_id == "a" * 32
+    assert header.properties.message_type == "email.retrying"
+    assert header.properties.delivery_mode == 2
+    assert b"".join(chunk.value for chunk in chunks) == body
+    assert len(chunks) == 3
 
 
 async def test_emit_drops_and_counts_past_the_buffer_size(names: Names) -> None:
