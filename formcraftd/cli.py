@@ -87,10 +87,11 @@ def _load(path: str | None) -> config.Config:
 def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from formcraftd.daemon import run_daemon
+    from formcraftd.daemon import check_config, run_daemon
 
     path = args.config or config.default_path()
     cfg = config.load(path)
+    check_config(cfg)
     if cfg.logging.config_file:
         logs.apply_config_file(cfg.logging.config_file)
     logs.configure(cfg.logging)
@@ -102,7 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from formcraftd.daemon import check_config
+
     cfg = _load(args.config)
+    check_config(cfg)
     sys.stdout.write(orjson.dumps(cfg.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK
 

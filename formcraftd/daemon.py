@@ -33,6 +33,7 @@ from formcraftd.amqp.events import EventPublisher
 from formcraftd.amqp.topology import WorkerTopology
 from formcraftd.core.breakers import BreakerRegistry
 from formcraftd.core.config import AnyWorkerConfig, Config, WorkerKind
+from formcraftd.core.errors import ConfigError
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import Handler, HandlerFactory
 from formcraftd.core.stats import QueueStats
@@ -56,10 +57,8 @@ HANDLERS: dict[WorkerKind, tuple[str, str]] = {
 }
 
 
-def build_handler(
-    kind: WorkerKind, worker: AnyWorkerConfig, *, emit: Emit | None = None
-) -> Handler[Any] | None:
-    """The handler for one worker kind; None for kinds this build does not have."""
+def handler_factory(kind: WorkerKind) -> HandlerFactory | None:
+    """The handler class of one worker kind; None for kinds this build does not have."""
     module_name, class_name = HANDLERS[kind]
     try:
         module = importlib.import_module(module_name)
@@ -68,6 +67,35 @@ def build_handler(
             raise
         return None
     factory: HandlerFactory = getattr(module, class_name)
+    return factory
+
+
+def check_config(config: Config) -> None:
+    """Everything `run` and a reload check of `config` before using it (for check-config).
+
+    Raises ConfigError naming the key when an enabled worker cannot use its section.
+    """
+    for kind, worker in config.enabled_workers():
+        factory = handler_factory(kind)
+        if factory is not None:
+            _named(config, factory.check, worker)
+
+
+def _named(config: Config, call: Callable[[Any], Any], section: AnyWorkerConfig) -> Any:
+    """`call(section)`, with a ConfigError's message naming the config file."""
+    try:
+        return call(section)
+    except ConfigError as exc:
+        raise ConfigError(f"{config.source or 'config'}: {exc}") from None
+
+
+def build_handler(
+    kind: WorkerKind, worker: AnyWorkerConfig, *, emit: Emit | None = None
+) -> Handler[Any] | None:
+    """The handler for one worker kind; None for kinds this build does not have."""
+    factory = handler_factory(kind)
+    if factory is None:
+        return None
     return factory(worker, user_agent=USER_AGENT, emit=emit)
 
 
@@ -252,25 +280,37 @@ class Daemon:
         return await self.reloader.reload()
 
     async def apply_config(self, new: Config) -> None:
-        """Declare what `new` needs, then swap every live setting (the reloader calls this)."""
+        """Apply every live setting of `new`, or none (the reloader calls this).
+
+        Everything that can refuse the new config does so first: each handler
+        builds its new settings without applying them, and the wait queues a new
+        retry schedule needs are declared (harmless if the reload then fails).
+        Only then is anything swapped in, by steps that cannot fail.
+        """
+        commits = [
+            _named(new, consumer.handler.prepare, new.worker(self.kinds[queue]))
+            for queue, consumer in self.consumers.items()
+        ]
         for queue in self.consumers:
             running = self.config.worker(self.kinds[queue])
             retry = new.worker(self.kinds[queue]).retry
             if retry != running.retry:  # new wait queues must exist before a retry uses them
                 updated = msgspec.structs.replace(running, retry=retry)
                 await self.broker.declare(WorkerTopology.build(updated, self.config.broker))
-        # Handlers first: they may still refuse a setting (ConfigError) before
-        # anything else has changed.
-        for queue, consumer in self.consumers.items():
-            consumer.handler.reconfigure(new.worker(self.kinds[queue]))
+        for commit in commits:
+            commit()
         logs.configure(new.logging)
         self.breakers.reconfigure(new.breaker)
         self.monitor.reconfigure(new.monitoring)
         for queue, consumer in self.consumers.items():
-            worker = new.worker(self.kinds[queue])
-            consumer.reconfigure(worker, new.breaker, new.daemon)
-            await consumer.set_prefetch(consumer.handler.prefetch(worker.concurrency))
+            consumer.reconfigure(new.worker(self.kinds[queue]), new.breaker, new.daemon)
         self.config = new
+        for consumer in self.consumers.values():
+            worker = new.worker(consumer.kind)
+            try:
+                await consumer.set_prefetch(consumer.handler.prefetch(worker.concurrency))
+            except Exception as exc:  # the channel went; its next one has the new prefetch
+                log.warning("%s: prefetch not changed now: %s", consumer.queue_name, exc)
 
     # --- state for health, status, the monitor ----------------------------------------
 

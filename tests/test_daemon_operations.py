@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from formcraftd.core.errors import ConfigError
 from formcraftd.daemon import Daemon
 from formcraftd.ops.http import bound_port
 from formcraftd.workers.webhook.signing import webhook_id
@@ -413,3 +414,25 @@ async def test_each_alert_is_raised_and_cleared(
         await amqp.connection.connected.wait()
     _, status = await call("GET", f"{base}/admin/status")
     assert status["alerts"] == []
+
+
+async def test_a_reload_that_fails_anywhere_changes_nothing(
+    tmp_path: Path,
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """A new webhook policy next to a bad email sender: neither is applied."""
+    receiver = await receiver_factory()
+    email = {"enabled": True, "state_dir": str(tmp_path)}
+    cfg = make_config(names, email=email)
+    daemon = await start_daemon(cfg)
+    bad = make_config(
+        names, webhook={"allowed_networks": []}, email={**email, "from_address": "not one"}
+    )
+    with pytest.raises(ConfigError, match="from_address"):
+        await daemon.apply_config(bad)
+    assert daemon.config is cfg
+    await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url))
+    await receiver.wait_for(1)  # the running policy still allows the loopback receiver

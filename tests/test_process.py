@@ -196,3 +196,34 @@ def test_suppression_command_adds_lists_and_removes(tmp_path: Path) -> None:
     assert "someone@example.com" not in listed.stdout.lower()
     bad = run_cli("suppression", "add", "not an address", "--config", str(config_file))
     assert bad.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ('[workers.email]\nfrom_address = "not an address"\n', "from_address"),
+        ("[retry]\nmax_delay_ms = 9223372036854775807\n", "retry.max_delay_ms"),
+    ],
+)
+def test_check_config_refuses_what_run_refuses(tmp_path: Path, section: str, key: str) -> None:
+    """check-config runs the same checks as run and a reload: one line naming the key."""
+    path = tmp_path / "config.toml"
+    path.write_text(section)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and key in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_masks_secrets_in_urls(tmp_path: Path) -> None:
+    """A hook token in the alert sink's path and a secret in the broker URL's query stay hidden."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[broker]\nurl = "amqps://app:brokerpw@mq.example:5671/?auth=brokerquery"\n'
+        '[monitoring]\nalert_webhook_url = "https://hooks.example/services/T0/B0/hooktoken"\n'
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    for secret in ("brokerpw", "brokerquery", "hooktoken"):
+        assert secret not in result.stdout
+    assert "https://hooks.example/***" in result.stdout

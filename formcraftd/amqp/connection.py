@@ -66,6 +66,8 @@ class Broker:
         self._closing = False
         self.connected = False
         self.reconnects = 0
+        self.node_url = ""  # the URL of the node connected to (or last connected to)
+        self.last_loss: BaseException | None = None  # why the last connection went
 
     @property
     def connection(self) -> AbstractConnection:
@@ -77,6 +79,14 @@ class Broker:
     def add_listener(self, listener: Listener) -> None:
         """Call `listener` with the new connection after every reconnection."""
         self._listeners.append(listener)
+
+    def lost_to_an_undecodable_frame(self) -> bool:
+        """Whether the last connection went because a frame could not be decoded.
+
+        RabbitMQ accepts messages whose content header no AMQP client can decode;
+        aiormq closes the connection when one arrives (see :mod:`formcraftd.amqp.raw`).
+        """
+        return isinstance(self.last_loss, aiormq.exceptions.InvalidFrameError)
 
     def remove_listener(self, listener: Listener) -> None:
         with contextlib.suppress(ValueError):
@@ -166,7 +176,7 @@ class Broker:
             await connection.close()
             return False
         connection.close_callbacks.add(self._on_close)
-        self._connection = connection
+        self._connection, self.node_url = connection, url
         log.info("connected to broker %s", mask_url(url))
         self._set_connected(True)
         return True
@@ -176,6 +186,7 @@ class Broker:
     def _on_close(self, connection: object, exc: BaseException | None = None) -> None:
         if self._closing or connection is not self._connection:
             return
+        self.last_loss = exc
         if self.connected:
             reason = describe_amqp_error(exc) if exc else "closed"
             log.warning("broker connection lost: %s", reason)

@@ -28,6 +28,7 @@ from pamqp.commands import Basic
 from formcraftd.amqp.acks import Acks, Delivery
 from formcraftd.amqp.connection import Broker
 from formcraftd.amqp.pipeline import JobPipeline
+from formcraftd.amqp.quarantine import set_aside_undecodable
 from formcraftd.amqp.republisher import Republisher
 from formcraftd.amqp.topology import WorkerTopology, declare_consumer_queue
 from formcraftd.core.attempts import AttemptReporter
@@ -89,6 +90,7 @@ class Consumer:
         self._underlay: AmqpChannel | None = None  # the AMQP channel we consume on
         self._tag: str | None = None
         self._restoring = asyncio.Lock()
+        self._scanned_loss: BaseException | None = None  # the loss already scanned for
         self._resubscribing: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -235,10 +237,27 @@ class Consumer:
             if channel is None or channel.is_closed:
                 await self._open_channel()
                 channel = self._channel
+            await self._set_aside_undecodable()
             if self.state == "consuming" and self._tag is None:
                 assert channel is not None
                 await declare_consumer_queue(channel, self._topology.main)
                 await self._subscribe()
+
+    async def _set_aside_undecodable(self) -> None:
+        """After a loss to an undecodable frame: take such messages off the queue, once."""
+        loss = self._broker.last_loss
+        if loss is self._scanned_loss or not self._broker.lost_to_an_undecodable_frame():
+            return
+        republisher = self._pipeline.republisher
+        assert republisher is not None, "opened with the channel"
+
+        async def set_aside(body: bytes, reason: str) -> None:
+            await republisher.set_aside(body, reason)
+            self.stats.dead_letter += 1
+
+        scan = max(2 * self.prefetch, 50)
+        await set_aside_undecodable(self._broker.node_url, self.queue_name, scan, set_aside)
+        self._scanned_loss = loss
 
     async def _on_reconnected(self, _connection: AbstractConnection) -> None:
         """The broker reconnected: our channel went with the old connection."""

@@ -17,6 +17,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from formcraftd.amqp.republisher import encodable_headers
 from formcraftd.amqp.topology import dead_letter_queue_name, queue_depth
 from formcraftd.core.redaction import is_sensitive_key, mask_json, redact
 
@@ -67,11 +68,13 @@ async def replay(channel: AbstractChannel, queue: str, limit: int | None = None)
         message = await dlq.get(no_ack=False, fail=False)
         if message is None:
             break
-        headers = {
-            key: value
-            for key, value in (message.headers or {}).items()
-            if not _DROPPED_ON_REPLAY.match(key)
-        }
+        headers = encodable_headers(
+            {
+                key: value
+                for key, value in (message.headers or {}).items()
+                if not _DROPPED_ON_REPLAY.match(key)
+            }
+        )
         await channel.default_exchange.publish(
             aio_pika.Message(
                 message.body,

@@ -80,11 +80,16 @@ class MonitoringConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     alert_webhook_url: str = ""
 
 
+# RabbitMQ takes a message TTL (x-message-ttl: the retry wait queues, dead-letter
+# retention) of at most 2**32 - 1 ms, about 49.7 days.
+TtlMs = Annotated[int, msgspec.Meta(ge=1, le=4_294_967_295)]
+
+
 class RetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     attempts: PositiveInt = 3
     backoff: Literal["exponential", "linear"] = "exponential"
-    initial_delay_ms: PositiveInt = 1000
-    max_delay_ms: PositiveInt = 60_000
+    initial_delay_ms: TtlMs = 1000
+    max_delay_ms: TtlMs = 60_000
 
     def __post_init__(self) -> None:
         if self.max_delay_ms < self.initial_delay_ms:
@@ -106,7 +111,7 @@ class _WorkerBase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     enabled: bool = True
     retry: RetryConfig = RetryConfig()
-    dead_letter_ttl_ms: PositiveInt | None = None
+    dead_letter_ttl_ms: TtlMs | None = None
 
 
 class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -134,6 +139,7 @@ class EmailWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_f
     templates_dir: str = ""
     attachments_dir: str = ""
     max_attachment_bytes: PositiveInt = 10_485_760
+    max_attachments_total_bytes: PositiveInt = 26_214_400  # all of one job's attachments
     state_dir: str = "./var"
 
 

@@ -92,8 +92,9 @@ class Handler(Protocol[J]):
         """How many unacked messages the broker may push to this worker."""
         ...
 
-    def reconfigure(self, config: Any) -> None:
-        """Apply this worker's config section after a reload (raise ConfigError if unusable)."""
+    def prepare(self, config: Any) -> Callable[[], None]:
+        """Validate and build a reloaded section (raise ConfigError if unusable), changing
+        nothing; the returned call, which never raises, applies it."""
         ...
 
     def breaker_key(self, job: J) -> str: ...
@@ -110,3 +111,7 @@ class HandlerFactory(Protocol):
     to send, and `emit` for the worker's own delivery events (None with events off)."""
 
     def __call__(self, config: Any, *, user_agent: str, emit: Emit | None) -> Handler[Any]: ...
+
+    def check(self, config: Any) -> None:
+        """Raise ConfigError if the section cannot be used (check-config, start, reload)."""
+        ...

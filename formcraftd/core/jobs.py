@@ -37,7 +37,8 @@ class Metadata(msgspec.Struct, frozen=True, rename="camel"):
 
 # --- webhook.send -------------------------------------------------------------
 
-_FORBIDDEN_HEADER_CHARS = frozenset("\r\n\0")
+# Control characters (tab aside) cannot be framed in a header; HTTP clients refuse them.
+_FORBIDDEN_HEADER_CHARS = frozenset(chr(c) for c in (*range(32), 127)) - {"\t"}
 
 
 class WebhookPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

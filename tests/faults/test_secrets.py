@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 from pathlib import Path
 
+import aio_pika
 import aiohttp
 import msgspec
 import orjson
@@ -17,7 +19,7 @@ from formcraftd.ops import logs
 from formcraftd.ops.http import bound_port
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
-from tests.support.google import CLIENT_SECRET, FakeGoogle, sheets_job_body
+from tests.support.google import CLIENT_SECRET, Failure, FakeGoogle, sheets_job_body
 from tests.support.smtp import PASSWORD, email_payload, running_servers
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -160,3 +162,95 @@ async def test_no_secret_anywhere_after_every_failure_path(
     for secret in secrets:
         assert secret not in written, f"{secret[:6]}... leaked"
     await asyncio.sleep(0)
+
+
+USER_PASSWORD = "userinfo-pw-9a9a"
+ECHOED_TOKEN = "query-token-in-url-4b4b"
+
+
+async def test_urls_and_what_receivers_echo_never_leak(
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """Query tokens, URL userinfo and the Basic header built from it, echoed back: masked.
+
+    A receiver echoes the whole request (path and query, headers) into a 400; a fake
+    Google echoes the access token as {"error": "<token>"}. Neither reaches a log line,
+    a dead-letter header, a delivery event or the admin API's view of the DLQ.
+    """
+
+    async def echo(request: web.Request, _n: int) -> web.StreamResponse:
+        return web.Response(status=400, text=f"{request.path_qs} {dict(request.headers)}")
+
+    receiver = await receiver_factory(echo)
+    google = await FakeGoogle().start()
+    stream = io.StringIO()
+    events_queue = f"{names.prefix}.events.tap"
+    refresh, access, expiry = google.add_user()
+    google.add_spreadsheet("sheet-echo")
+    google.always = Failure(400, message=f"bad request with token {access}", bare=True)
+    cfg = make_config(
+        names,
+        http={"admin_token": ADMIN_TOKEN},
+        events={"enabled": True, "exchange": f"{names.prefix}.events"},
+        sheets=google.sheets_config(batch_window_ms=0),
+    )
+    channel = await amqp.connection.channel()
+    exchange = await channel.declare_exchange(
+        f"{names.prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    tap = await channel.declare_queue(events_queue, exclusive=True)
+    await tap.bind(exchange, "#")
+    logs.configure(msgspec.structs.replace(cfg.logging, debug_workers=("*",)), stream=stream)
+    try:
+        daemon = await start_daemon(cfg)
+        port = receiver.url.split(":")[2].split("/")[0]
+        url = f"http://user:{USER_PASSWORD}@127.0.0.1:{port}/hook?token={ECHOED_TOKEN}"
+        await amqp.publish(cfg.workers.webhook.queue, webhook_job(url, secret=WEBHOOK_SECRET))
+        await amqp.publish(
+            cfg.workers.sheets.queue,
+            sheets_job_body(
+                refresh_token=refresh,
+                access_token=access,
+                expiry_ms=expiry,
+                spreadsheet_id="sheet-echo",
+            ),
+        )
+        webhook_dlq = f"dlq.{cfg.workers.webhook.queue}"
+        async with asyncio.timeout(30):
+            while await amqp.depth(webhook_dlq) < 1:  # noqa: ASYNC110 - the broker sends no event
+                await asyncio.sleep(0.05)
+        base = f"http://127.0.0.1:{bound_port(daemon.http_runner)}"  # type: ignore[arg-type]
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as session,
+            session.get(f"{base}/admin/dlq/{cfg.workers.webhook.queue}") as response,
+        ):
+            peek = await response.text()
+        dead = [
+            *await amqp.take(webhook_dlq, 1, timeout=30),
+            *await amqp.take(f"dlq.{cfg.workers.sheets.queue}", 1, timeout=30),
+        ]
+        events = [await tap.get(no_ack=True, timeout=10) for _ in range(2)]
+    finally:
+        logs.reset()
+        await google.stop()
+        await channel.exchange_delete(f"{names.prefix}.events")
+        await channel.close()
+    assert [m.headers["x-formcraft-error-code"] for m in dead] == [
+        "HTTP_STATUS",
+        "SHEETS_REQUEST_REJECTED",
+    ]
+    basic = base64.b64encode(f"user:{USER_PASSWORD}".encode()).decode()
+    written = "\n".join(
+        [
+            stream.getvalue(),
+            *(str(message.headers) for message in dead),
+            *(event.body.decode() for event in events),
+            peek,
+        ]
+    )
+    assert "token=***" in peek  # the job's URL is shown, its query masked
+    for secret in (USER_PASSWORD, ECHOED_TOKEN, basic, access, WEBHOOK_SECRET):
+        assert secret not in written, f"{secret[:6]}... leaked"

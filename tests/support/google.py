@@ -62,6 +62,7 @@ class Failure:
     retry_after: str | None = None
     message: str = "scripted failure"
     error_status: str = "INTERNAL"
+    bare: bool = False  # answer {"error": message}, a string, as some Google endpoints do
 
 
 class FakeGoogle:
@@ -232,6 +233,8 @@ class FakeGoogle:
         if parsed is None:
             return _google_error(404, "NOT_FOUND", "Method not found.")
         failure = self.script.popleft() if self.script else self.always
+        if failure is not None and failure.bare:
+            return _json({"error": failure.message}, failure.status, failure.retry_after)
         if failure is not None:
             return _google_error(
                 failure.status, failure.error_status, failure.message, failure.retry_after

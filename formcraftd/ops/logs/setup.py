@@ -24,10 +24,11 @@ from formcraftd.ops.logs.handler import StdoutHandler
 ROOT_LOGGER: Final = "formcraftd"
 
 # Library loggers that get our handler too. Under DEBUG=workers:* they go to the
-# level on the right; aiormq stops at INFO because its DEBUG lines dump whole
-# AMQP frames, job bodies (webhook secrets, refresh tokens) included.
+# level on the right; aio-pika and aiormq stop at INFO because their DEBUG lines
+# dump whole AMQP frames and messages, job bodies (webhook secrets, refresh
+# tokens) and headers included, printed across lines no redaction can follow.
 _LIBRARY_DEBUG_LEVELS: Final = {
-    "aio_pika": logging.DEBUG,
+    "aio_pika": logging.INFO,
     "aiormq": logging.INFO,
     "aiohttp": logging.INFO,
     "aiosmtplib": logging.INFO,

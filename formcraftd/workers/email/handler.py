@@ -26,7 +26,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address
 from typing import TYPE_CHECKING
@@ -79,6 +79,7 @@ class _Settings:
     return_path: str  # with {job_id}; "" = the sender's address
     attachments_dir: str
     max_attachment_bytes: int
+    max_attachments_total_bytes: int
     templates_dir: str
     state_dir: str
 
@@ -98,6 +99,7 @@ class _Settings:
             config.return_path,
             config.attachments_dir,
             config.max_attachment_bytes,
+            config.max_attachments_total_bytes,
             config.templates_dir,
             config.state_dir,
         )
@@ -163,15 +165,29 @@ class EmailHandler:
         """A second round of jobs ready while one runs."""
         return concurrency * 2
 
-    def reconfigure(self, config: EmailWorkerConfig) -> None:
-        """Apply a reload: new settings, pool and render thread counts, a fresh template cache."""
+    @staticmethod
+    def check(config: EmailWorkerConfig) -> None:
+        """Raise :class:`ConfigError` if `config` cannot be used (check-config, start, reload)."""
+        _Settings.from_config(config)
+
+    def prepare(self, config: EmailWorkerConfig) -> Callable[[], None]:
+        """Validate and build a reload's settings and template cache; the returned call
+        applies them, with the pool's and render threads' new sizes."""
         settings = _Settings.from_config(config)
         renderer = TemplateRenderer(config.templates_dir, timeout_s=self._render_timeout_s)
-        if settings.state_dir != self._settings.state_dir:
-            log.warning("workers.email.state_dir changed; the suppression list moves on restart")
-        self.pool.reconfigure(settings.smtp, settings.concurrency)
-        self.render_threads.resize(settings.concurrency)
-        self._settings, self._renderer = settings, renderer
+
+        def apply() -> None:
+            if settings.state_dir != self._settings.state_dir:
+                log.warning("workers.email.state_dir changed; a restart moves the suppression list")
+            self.pool.reconfigure(settings.smtp, settings.concurrency)
+            self.render_threads.resize(settings.concurrency)
+            self._settings, self._renderer = settings, renderer
+
+        return apply
+
+    def reconfigure(self, config: EmailWorkerConfig) -> None:
+        """Apply a reload at once (see :meth:`prepare`)."""
+        self.prepare(config)()
 
     def breaker_key(self, job: EmailJob) -> str:
         """`smtp:<host>:<port>`: every email job goes to the one relay."""
@@ -286,12 +302,23 @@ class EmailHandler:
         settings: _Settings,
         rendered: Rendered,
     ) -> bytes:
-        """Read the attachments (blocking) and build the MIME message."""
-        limit = settings.max_attachment_bytes
-        attachments = [
-            mime.read_attachment(settings.attachments_dir, item.path, item.filename, limit)
-            for item in job.payload.attachments
-        ]
+        """Read the attachments (blocking) and build the MIME message.
+
+        Each file is read within what is left of the job's total allowance, so
+        one job never holds more than `max_attachments_total_bytes` of them.
+        """
+        left = settings.max_attachments_total_bytes
+        attachments: list[mime.Attachment] = []
+        for item in job.payload.attachments:
+            if left < settings.max_attachment_bytes:
+                cap, name = left, "what is left of max_attachments_total_bytes"
+            else:
+                cap, name = settings.max_attachment_bytes, "max_attachment_bytes"
+            attachment = mime.read_attachment(
+                settings.attachments_dir, item.path, item.filename, cap, name
+            )
+            left -= len(attachment.data)
+            attachments.append(attachment)
         content = mime.Content(rendered.subject, rendered.text, rendered.html, attachments)
         return mime.build_message(
             sender=settings.sender,

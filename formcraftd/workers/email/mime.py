@@ -145,7 +145,9 @@ class Attachment:
     data: bytes
 
 
-def read_attachment(base_dir: str, path: str, filename: str, max_bytes: int) -> Attachment:
+def read_attachment(
+    base_dir: str, path: str, filename: str, max_bytes: int, limit: str = "max_attachment_bytes"
+) -> Attachment:
     """Read one attachment, which must resolve to a regular file inside `base_dir`."""
     check_header_text(filename, "attachment filename")
     if not base_dir:
@@ -162,14 +164,14 @@ def read_attachment(base_dir: str, path: str, filename: str, max_bytes: int) -> 
         raise AttachmentRefused(f"attachment {path!r} cannot be resolved: {exc}") from None
     if not real.is_relative_to(base):
         raise AttachmentRefused(f"attachment {path!r} is outside attachments_dir")
-    data = _read_inside(real, base, path, max_bytes)
+    data = _read_inside(real, base, path, max_bytes, limit)
     content_type, encoding = mimetypes.guess_type(filename, strict=False)
     if content_type is None or encoding is not None:
         content_type = "application/octet-stream"
     return Attachment(filename, content_type, data)
 
 
-def _read_inside(real: Path, base: Path, shown: str, max_bytes: int) -> bytes:
+def _read_inside(real: Path, base: Path, shown: str, max_bytes: int, limit: str) -> bytes:
     """Open without following a late symlink, check what was opened, read within the cap."""
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -183,14 +185,14 @@ def _read_inside(real: Path, base: Path, shown: str, max_bytes: int) -> bytes:
         if opened.exists() and not opened.resolve().is_relative_to(base):
             raise AttachmentRefused(f"attachment {shown!r} is outside attachments_dir")
         if info.st_size > max_bytes:
-            raise AttachmentRefused(_too_large(shown, info.st_size, max_bytes))
+            raise AttachmentRefused(_too_large(shown, info.st_size, max_bytes, limit))
         chunks: list[bytes] = []
         size = 0
         while chunk := os.read(fd, min(_READ_CHUNK, max_bytes + 1 - size)):
             chunks.append(chunk)
             size += len(chunk)
             if size > max_bytes:
-                raise AttachmentRefused(_too_large(shown, size, max_bytes))
+                raise AttachmentRefused(_too_large(shown, size, max_bytes, limit))
         return b"".join(chunks)
     except OSError as exc:
         raise AttachmentRefused(f"attachment {shown!r} cannot be read: {exc.strerror}") from None
@@ -198,8 +200,8 @@ def _read_inside(real: Path, base: Path, shown: str, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-def _too_large(shown: str, size: int, max_bytes: int) -> str:
-    return f"attachment {shown!r} is {size} bytes, over max_attachment_bytes ({max_bytes})"
+def _too_large(shown: str, size: int, max_bytes: int, limit: str) -> str:
+    return f"attachment {shown!r} is {size} bytes, over {limit} ({max_bytes})"
 
 
 # --- the message ----------------------------------------------------------------------------

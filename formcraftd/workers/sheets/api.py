@@ -25,6 +25,7 @@ from aiogoogle.resource import GoogleAPI
 from yarl import URL
 
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
+from formcraftd.core.redaction import redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
 from formcraftd.workers.sheets.google_auth import AccessToken, read_body
@@ -176,18 +177,24 @@ class _ErrorBody(msgspec.Struct):
 
 
 def _google_error(body: bytes, secret: str) -> tuple[str, str]:
-    """Google's error status and message from an error body, masked and on one line."""
+    """Google's error status and message from an error body, masked and on one line.
+
+    Whatever its shape, what comes back has the access token we sent replaced
+    and the rest redacted: an error body may echo the request.
+    """
     if not body:
         return "", ""
     try:
         error = msgspec.json.decode(body, type=_ErrorBody).error
     except msgspec.MsgspecError:
-        text = body.decode("utf-8", errors="replace")
-        return "", one_line(text.replace(secret, "[redacted]") if secret else text)
+        return "", _masked(body.decode("utf-8", errors="replace"), secret)
     if isinstance(error, str):
-        return "", one_line(error)
-    message = error.message.replace(secret, "[redacted]") if secret else error.message
-    return one_line(error.status)[:64], one_line(message)
+        return "", _masked(error, secret)
+    return _masked(error.status, secret)[:64], _masked(error.message, secret)
+
+
+def _masked(text: str, secret: str) -> str:
+    return one_line(redact(text.replace(secret, "[redacted]") if secret else text))
 
 
 def judge(response: ApiResponse, request: ApiRequest) -> None:

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -44,6 +45,7 @@ from formcraftd.workers.sheets.api import (
     ApiResponse,
     SheetsApi,
     judge,
+    load_discovery,
     per_user_limit,
     rate_limited,
     send,
@@ -216,19 +218,33 @@ class SheetsHandler:
         """Enough unacked jobs for full batches to form while calls run."""
         return min(max(concurrency * 2, self._settings.max_rows), _MAX_PREFETCH)
 
-    def reconfigure(self, config: SheetsWorkerConfig) -> None:
-        """Apply a reloaded section; raises :class:`ConfigError` and changes nothing if bad."""
+    @staticmethod
+    def check(config: SheetsWorkerConfig) -> None:
+        """Raise :class:`ConfigError` if `config` cannot be used (check-config, start, reload)."""
+        _Settings.from_config(config)
+        load_discovery(config.api_root_url)
+
+    def prepare(self, config: SheetsWorkerConfig) -> Callable[[], None]:
+        """Validate and build a reload's settings and API; the returned call applies them."""
         settings = _Settings.from_config(config)
         api = self._api
         if config.api_root_url != api.api_root_url:
             api = SheetsApi(config.api_root_url)
-        self._settings, self._api = settings, api
-        self._tokens.client = _oauth_client(config)
-        self._process_bucket.reconfigure(config.requests_per_minute)
-        self._user_buckets.reconfigure(config.requests_per_minute_per_user)
-        self._batcher.reconfigure(
-            window_s=settings.window_s, max_rows=settings.max_rows, max_bytes=MAX_BATCH_BYTES
-        )
+
+        def apply() -> None:
+            self._settings, self._api = settings, api
+            self._tokens.client = _oauth_client(config)
+            self._process_bucket.reconfigure(config.requests_per_minute)
+            self._user_buckets.reconfigure(config.requests_per_minute_per_user)
+            self._batcher.reconfigure(
+                window_s=settings.window_s, max_rows=settings.max_rows, max_bytes=MAX_BATCH_BYTES
+            )
+
+        return apply
+
+    def reconfigure(self, config: SheetsWorkerConfig) -> None:
+        """Apply a reloaded section; raises :class:`ConfigError` and changes nothing if bad."""
+        self.prepare(config)()
 
     def breaker_key(self, job: SheetsJob) -> str:
         """`sheets:<spreadsheetId>`."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from formcraftd.core.errors import PermanentFailure, RetryLater
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import Delivered, JobContext
 from formcraftd.core.jobs import WebhookJob
+from formcraftd.core.redaction import redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
@@ -146,9 +148,23 @@ class WebhookHandler:
         """A second round of jobs ready while one runs."""
         return concurrency * 2
 
+    @staticmethod
+    def check(config: WebhookWorkerConfig) -> None:
+        """Raise :class:`ConfigError` if `config` cannot be used (check-config, start, reload)."""
+        _Settings.from_config(config)
+
+    def prepare(self, config: WebhookWorkerConfig) -> Callable[[], None]:
+        """Validate and build new live settings; the returned call swaps them in."""
+        settings = _Settings.from_config(config)
+
+        def apply() -> None:
+            self._settings = settings
+
+        return apply
+
     def reconfigure(self, config: WebhookWorkerConfig) -> None:
         """Swap in new live settings; raises :class:`ConfigError` and changes nothing if bad."""
-        self._settings = _Settings.from_config(config)
+        self.prepare(config)()
 
     def breaker_key(self, job: WebhookJob) -> str:
         """`webhook:<host>:<port>` of the job's URL."""
@@ -219,6 +235,13 @@ class WebhookHandler:
             headers = payload_headers(payload.headers)
         except ValueError as exc:
             raise PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False) from None
+        if url.raw_user is not None and any(n.lower() == "authorization" for n in headers):
+            raise PermanentFailure(
+                "VALIDATION_ERROR",
+                "payload.url carries credentials and payload.headers an Authorization header; "
+                "give one of them",
+                reached_service=False,
+            )
         msg_id = webhook_id(ctx.job_id, payload.url)
         signer.add_headers(headers.__setitem__, msg_id, int(time.time()), body)
         headers["User-Agent"] = self._user_agent
@@ -259,6 +282,12 @@ async def _send(
     except aiohttp.InvalidURL:
         raise PermanentFailure(
             "VALIDATION_ERROR", f"{request.origin}: invalid URL", reached_service=False
+        ) from None
+    except ValueError as exc:  # what the client refuses to send, e.g. a header it cannot frame
+        raise PermanentFailure(
+            "VALIDATION_ERROR",
+            f"{request.origin}: the request cannot be sent: {one_line(exc)}",
+            reached_service=False,
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise RetryLater(f"{request.origin}: {_describe(exc)}") from None
@@ -321,9 +350,8 @@ def _snippet(head: bytes, sensitive: tuple[str, ...]) -> str:
     """The start of a response body on one line, with anything we sent that is secret masked."""
     text = head.decode("utf-8", errors="replace")
     for secret in sensitive:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return one_line(text, _SNIPPET_CHARS)
+        text = text.replace(secret, "[redacted]")
+    return one_line(redact(text), _SNIPPET_CHARS)
 
 
 if TYPE_CHECKING:

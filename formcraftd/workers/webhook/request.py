@@ -7,6 +7,7 @@ carried that is secret, so a receiver echoing it back cannot leak it.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,9 +87,11 @@ class WebhookRequest:
     def sensitive(self) -> tuple[str, ...]:
         """What a receiver might echo back that must not leak through a snippet.
 
-        The secret (with and without `whsec_`), both signatures and every
-        payload header value of 8 characters or more. Built only when a
-        response has a body to mask.
+        The secret (with and without `whsec_`), both signatures, every payload
+        header value of 8 characters or more, and what the URL carries besides
+        its origin and path: the userinfo (and the Basic credentials aiohttp
+        builds from it) and the query string and its values. Built only when a
+        response has a body to mask; longer ones are replaced first.
         """
         signatures = [
             value.split(",", 1)[-1].removeprefix("sha256=")
@@ -96,4 +99,14 @@ class WebhookRequest:
             if (value := self.headers.get(name)) is not None
         ]
         long_values = [v for v in self.payload_headers.values() if len(v) >= 8]
-        return (self.secret, self.secret.removeprefix("whsec_"), *signatures, *long_values)
+        url = self.url
+        from_url: list[str] = []
+        if url.raw_user or url.raw_password:
+            user, password = url.user or "", url.password or ""
+            credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+            from_url += [credentials, user, password, url.raw_user or "", url.raw_password or ""]
+        if url.raw_query_string:
+            from_url += [url.raw_query_string, url.query_string]
+            from_url += [value for value in url.query.values() if len(value) >= 4]
+        found = [self.secret, self.secret.removeprefix("whsec_"), *signatures, *long_values]
+        return tuple(sorted((s for s in (*found, *from_url) if s), key=len, reverse=True))

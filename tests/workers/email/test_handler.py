@@ -169,6 +169,32 @@ async def test_an_attachment_over_the_size_limit_is_refused(
     assert "1001 bytes" in failure.reason
 
 
+async def test_attachments_over_the_total_for_one_job_are_refused(
+    attachments_dir: Path, smtp_server: SmtpServer, make_handler: HandlerFactory
+) -> None:
+    """Files each under the per-file cap but together over the job's total: ATTACHMENT_ERROR."""
+    for n in range(3):
+        (attachments_dir / f"part{n}.bin").write_bytes(b"x" * 900)
+    handler = await make_handler(
+        smtp_server,
+        attachments_dir=str(attachments_dir),
+        max_attachment_bytes=1000,
+        max_attachments_total_bytes=2000,
+    )
+    files = [{"filename": f"part{n}.bin", "path": f"part{n}.bin"} for n in range(3)]
+    failure = await fails_with(handler, email_job(attachments=files), "ATTACHMENT_ERROR")
+    assert "max_attachments_total_bytes" in failure.reason
+    assert smtp_server.connections == 0
+    within = await make_handler(
+        smtp_server,
+        attachments_dir=str(attachments_dir),
+        max_attachment_bytes=1000,
+        max_attachments_total_bytes=1800,
+    )
+    await within.handle(email_job(attachments=files[:2]), job_context())
+    assert len(smtp_server.received) == 1
+
+
 async def test_attachments_are_refused_when_no_folder_is_configured(
     smtp_server: SmtpServer, make_handler: HandlerFactory
 ) -> None:
