@@ -1,7 +1,8 @@
 """Every Prometheus metric formcraftd exports, in one place.
 
 Each daemon owns its own :class:`CollectorRegistry`, so several daemons can run
-in one test process. What a consumer counts for every job
+in one test process. No ``*_created`` series are exported: they double the
+counters' series and no dashboard reads them. What a consumer counts for every job
 (:class:`~formcraftd.core.stats.QueueStats`), its in-flight jobs and its
 concurrency limit are read by a collector when `/metrics` is scraped, so the
 hot path never touches a metric object.
@@ -10,11 +11,16 @@ hot path never touches a metric object.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -25,7 +31,6 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
 from formcraftd.core.breakers import STATE_VALUES, BreakerState
 from formcraftd.core.stats import QueueStats
@@ -40,7 +45,6 @@ class _WatchedQueue:
     stats: QueueStats
     in_flight: Callable[[], int]
     concurrency: Callable[[], int]
-    created: float = field(default_factory=time.time)
 
 
 _OUTCOMES = ("success", "retry", "dead_letter", "delayed")
@@ -58,12 +62,11 @@ class _QueueCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         jobs, duplicates, durations, in_flight, limit = self._families()
         for queue, watched in list(self._queues.items()):
-            stats, created = watched.stats, watched.created
+            stats = watched.stats
             for outcome in _OUTCOMES:
-                jobs.add_metric([queue, outcome], getattr(stats, outcome), created=created)
-            duplicates.add_metric([queue], stats.duplicates, created=created)
+                jobs.add_metric([queue, outcome], getattr(stats, outcome))
+            duplicates.add_metric([queue], stats.duplicates)
             durations.add_metric([queue], stats.durations.cumulative(), stats.durations.sum)
-            durations.samples.append(Sample(f"{durations.name}_created", {"queue": queue}, created))
             in_flight.add_metric([queue], watched.in_flight())
             limit.add_metric([queue], watched.concurrency())
         yield from (jobs, duplicates, durations, in_flight, limit)
@@ -105,6 +108,8 @@ class Metrics:
     """The metric families of one daemon."""
 
     def __init__(self, version: str) -> None:
+        # Process-wide in prometheus_client; formcraftd's process exports one registry.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)

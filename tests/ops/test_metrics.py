@@ -44,11 +44,11 @@ def test_job_counters_are_exported_by_queue_and_outcome() -> None:
     assert jobs("email_tasks", "delayed") == 2
     assert jobs("email_tasks", "success") == 0
     assert got[("formcraftd_duplicates_skipped_total", (("queue", "webhook_tasks"),))] == 1
-    assert ("formcraftd_jobs_created", (("outcome", "success"), ("queue", "webhook_tasks"))) in got
+    assert not [name for name, _ in got if name.endswith("_created")]
 
 
 def test_durations_match_a_prometheus_client_histogram() -> None:
-    """Same buckets (bounds inclusive), count, sum and _created as the library's Histogram."""
+    """Same buckets (bounds inclusive), count and sum as the library's Histogram."""
     metrics = Metrics("1.0")
     ours = watched(metrics, "webhook_tasks").durations
     reference_registry = CollectorRegistry()
@@ -65,11 +65,9 @@ def test_durations_match_a_prometheus_client_histogram() -> None:
         reference.observe(value)
     got = samples(metrics.render())
     want = samples(generate_latest(reference_registry))
+    assert got.keys() >= want.keys()
     for key, value in want.items():
-        if key[0].endswith("_created"):
-            assert key in got
-        else:
-            assert got[key] == value, key
+        assert got[key] == value, key
 
 
 def test_in_flight_and_the_limit_are_read_at_scrape_time() -> None:
