@@ -3,7 +3,10 @@
 The whole file is read and validated first; a bad file is one ERROR line and
 the running config stays. A good one is handed to the daemon, which applies
 it live (:meth:`formcraftd.daemon.Daemon.apply_config`). Settings that only a
-restart can change are logged as such. The result is kept for `/healthz` and
+restart can change keep their running values (:func:`keeping_running`), so the
+daemon's config always says what runs, and ``restart_needed`` lists the settings
+whose file value differs from the running one: a setting changed and changed
+back needs no restart. The result is kept for `/healthz` and
 `/admin/status`, and counted in `formcraftd_config_reloads_total`.
 """
 
@@ -67,6 +70,24 @@ def needs_restart(keys: list[str]) -> list[str]:
     return [key for key in keys if any(matches(key, pattern) for pattern in RESTART_ONLY)]
 
 
+def keeping_running(new: Config, running: Config) -> Config:
+    """`new`, with the running value of every restart-only setting it changes."""
+    kept = needs_restart(changed_keys(running, new))
+    if not kept:
+        return new
+    doc, now = msgspec.to_builtins(new), msgspec.to_builtins(running)
+    for key in kept:
+        *parents, leaf = key.split(".")
+        source, target = now, doc
+        for part in parents:
+            source, target = source.get(part, {}), target.setdefault(part, {})
+        if leaf in source:
+            target[leaf] = source[leaf]
+        else:
+            target.pop(leaf, None)
+    return msgspec.convert(doc, Config)
+
+
 class Reconfigurable(Protocol):
     """What the reloader reloads: the daemon, through its own methods."""
 
@@ -113,7 +134,7 @@ class Reloader:
                 raise FormcraftError("this daemon was not started from a config file")
             new = await asyncio.to_thread(config_module.load, path)
             keys = changed_keys(target.config, new)
-            await target.apply_config(new)
+            await target.apply_config(keeping_running(new, target.config))
         except FormcraftError as exc:
             log.error("config reload failed, keeping the running config: %s", exc)
             return {"result": "failure", "at": at, "error": str(exc)}
