@@ -37,6 +37,7 @@ from formcraftd.core.errors import ConfigError
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import Handler, HandlerFactory
 from formcraftd.core.stats import QueueStats
+from formcraftd.core.text import utc_timestamp
 from formcraftd.ops import logs, systemd
 from formcraftd.ops.http import UnknownQueue, build_app, start_server
 from formcraftd.ops.metrics import Metrics
@@ -97,6 +98,10 @@ def build_handler(
     if factory is None:
         return None
     return factory(worker, user_agent=USER_AGENT, emit=emit)
+
+
+def _timestamp(instant: float | None) -> str | None:
+    return utc_timestamp(instant) if instant is not None else None
 
 
 class Daemon:
@@ -390,6 +395,7 @@ class Daemon:
                 "kind": self.kinds[name],
                 "depth": reading.depth if reading else None,
                 "dead_letter_depth": reading.dead_letter_depth if reading else None,
+                "depth_at": _timestamp(reading.depth_at if reading else None),
                 "rate_per_s": round(reading.rate_per_s, 3) if reading else 0.0,
                 "error_rate": round(reading.error_rate, 3) if reading else 0.0,
                 "finished": consumer.stats.finished,
@@ -403,6 +409,7 @@ class Daemon:
             "queues": queues,
             "breakers": self.breakers.snapshot(),
             "alerts": self.monitor.snapshot(),
+            "monitoring": self.monitor.describe(),
             "last_reload": self.reloader.last,
         }
 

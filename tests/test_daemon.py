@@ -86,6 +86,7 @@ async def test_always_500_is_dead_lettered_after_exactly_attempts_tries(
     headers = dead.headers
     assert headers["x-formcraft-error-code"] == "RETRIES_EXHAUSTED"
     assert headers["x-formcraft-attempts"] == 3
+    assert "x-formcraft-attempt" not in headers  # the retry header: one count per dead letter
     assert headers["x-formcraft-last-status"] == 500
     assert headers["x-formcraft-queue"] == cfg.workers.webhook.queue
     assert "T" in str(headers["x-formcraft-failed-at"])

@@ -175,8 +175,14 @@ class Republisher:
         failure: PermanentFailure,
         attempts: int,
     ) -> None:
-        """The original body to the dead-letter exchange, with the `x-formcraft-*` headers."""
+        """The original body to the dead-letter exchange, with the `x-formcraft-*` headers.
+
+        `x-formcraft-attempts` (every try, the last one included) replaces the
+        retry path's `x-formcraft-attempt` (tries before this one): one count,
+        not two that differ by one.
+        """
         headers = carried_headers(message.headers)
+        headers.pop(ATTEMPT_HEADER, None)
         headers.update(
             {
                 "x-formcraft-error-code": failure.code,

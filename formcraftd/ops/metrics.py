@@ -109,7 +109,7 @@ class Metrics:
 
     def __init__(self, version: str) -> None:
         # Process-wide in prometheus_client; formcraftd's process exports one registry.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)

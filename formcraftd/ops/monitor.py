@@ -1,8 +1,10 @@
 """The monitoring loop: queue depths, and the four alerts of the seed.
 
-Every `monitoring.interval_ms` it polls each main queue and DLQ with a passive
-declare (so a `/metrics` scrape never touches the broker), then raises or
-clears these alerts:
+Every `DEPTH_INTERVAL_S` (or `monitoring.interval_ms`, when shorter) it polls
+each main queue and DLQ with a passive declare, so the depths on `/metrics` and
+the status page are never older than a Prometheus scrape interval, while a
+scrape itself never touches the broker. Every `monitoring.interval_ms` it
+computes the rates and raises or clears these alerts:
 
 - `queue_size:<queue>` — ready messages over `queue_size_threshold`;
 - `error_rate:<queue>` — (retries + dead letters) / finished jobs over the last
@@ -41,6 +43,7 @@ log = logging.getLogger("formcraftd.monitor")
 
 MIN_SAMPLE = 10
 ALERT_TIMEOUT_S = 5.0
+DEPTH_INTERVAL_S = 15.0  # Prometheus' usual scrape interval
 
 
 @dataclass
@@ -59,6 +62,7 @@ class QueueReading:
 
     depth: int | None = None
     dead_letter_depth: int | None = None
+    depth_at: float | None = None  # time.time() of the depth reading
     rate_per_s: float = 0.0
     error_rate: float = 0.0
     last_finished: int = 0
@@ -95,48 +99,59 @@ class Monitor:
         self.readings: dict[str, QueueReading] = {}
         self.active: dict[str, Alert] = {}
         self._last_check = time.monotonic()
+        self._next_check = 0.0  # monotonic time of the next alert check; 0: at once
         self._wake = asyncio.Event()
         self._posts: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
     def reconfigure(self, config: MonitoringConfig) -> None:
         self.config = config
+        self._next_check = 0.0
         self._wake.set()
 
     async def run(self) -> None:
-        """Check every interval until cancelled; waits for pending alert POSTs on exit."""
+        """Poll and check until cancelled; waits for pending alert POSTs on exit.
+
+        The depths are polled on every round, whether or not alerts are enabled;
+        the alert check runs when its interval has passed (and at once after a
+        reload). A failed round is one WARNING line and never stops the daemon.
+        """
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ALERT_TIMEOUT_S))
         try:
             while True:
-                if self.config.enabled:
-                    try:
-                        await self.check()
-                    except Exception as exc:  # a failed check must never stop the daemon
-                        log.warning("monitoring check failed: %s", exc)
+                try:
+                    await self.poll_depths()
+                    if self.config.enabled and time.monotonic() >= self._next_check:
+                        self._next_check = time.monotonic() + self.config.interval_ms / 1000
+                        self.check()
+                except Exception as exc:
+                    log.warning("monitoring check failed: %s", exc)
                 self._wake.clear()
-                interval = self.config.interval_ms / 1000
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
                 # cancellation that lands as the wait completes (a reload's wake-up
                 # just before SIGTERM), and the daemon would never finish stopping.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(interval):
+                    async with asyncio.timeout(self._sleep_s()):
                         await self._wake.wait()
         finally:
             if self._posts:
                 await asyncio.wait(self._posts, timeout=ALERT_TIMEOUT_S)
             await self._session.close()
 
-    async def check(self) -> None:
-        """One round: poll depths, compute rates, raise or clear alerts."""
+    def _sleep_s(self) -> float:
+        depths = min(DEPTH_INTERVAL_S, self.config.interval_ms / 1000)
+        if not self.config.enabled:
+            return depths
+        return max(0.0, min(depths, self._next_check - time.monotonic()))
+
+    def check(self) -> None:
+        """One alert round over the latest depths: compute rates, raise or clear alerts."""
         now = time.monotonic()
         elapsed = max(now - self._last_check, 1e-6)
         self._last_check = now
         self.broker_state_changed(self._source.broker_connected)
-        depths = await self._poll_depths() if self._source.broker_connected else {}
         for sample in self._source.samples():
             reading = self.readings.setdefault(sample.queue, QueueReading())
-            if sample.queue in depths:
-                reading.depth, reading.dead_letter_depth = depths[sample.queue]
             self._rates(reading, sample, elapsed)
             self._evaluate(sample, reading)
 
@@ -145,16 +160,19 @@ class Monitor:
             return
         self._set("broker_disconnected", not connected, "the AMQP connection to RabbitMQ is down")
 
-    async def _poll_depths(self) -> dict[str, tuple[int, int]]:
+    async def poll_depths(self) -> None:
+        """Read every queue's and DLQ's depth into the readings and the gauges."""
+        if not self._source.broker_connected:
+            return
         channel = await self._source.monitor_channel()
-        depths: dict[str, tuple[int, int]] = {}
         for sample in self._source.samples():
             depth = await queue_depth(channel, sample.queue)
             dead = await queue_depth(channel, dead_letter_queue_name(sample.queue))
-            depths[sample.queue] = (depth, dead)
+            reading = self.readings.setdefault(sample.queue, QueueReading())
+            reading.depth, reading.dead_letter_depth = depth, dead
+            reading.depth_at = time.time()
             self._metrics.queue_depth.labels(sample.queue).set(depth)
             self._metrics.dead_letter_depth.labels(sample.queue).set(dead)
-        return depths
 
     @staticmethod
     def _rates(reading: QueueReading, sample: QueueSample, elapsed: float) -> None:
@@ -225,6 +243,16 @@ class Monitor:
                     log.warning("alert sink answered %d for %s", response.status, event["alert"])
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("alert sink unreachable for %s: %s", event["alert"], type(exc).__name__)
+
+    def describe(self) -> dict[str, Any]:
+        """What the rates and depths of the status output cover, for its readers."""
+        interval_s = self.config.interval_ms / 1000
+        return {
+            "alerts_enabled": self.config.enabled,
+            "rates_over_s": interval_s,
+            "error_rate_min_jobs": MIN_SAMPLE,
+            "depths_every_s": min(DEPTH_INTERVAL_S, interval_s),
+        }
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [

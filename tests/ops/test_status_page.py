@@ -199,6 +199,16 @@ async def test_status_page_shows_the_numbers_of_admin_status(
         "dead_letter_depth": str(entry["dead_letter_depth"]),
     }
     assert (entry["finished"], entry["concurrency"], entry["in_flight"]) == (JOBS, 4, 0)
+    assert entry["depth_at"] is not None
+    assert status["monitoring"] == {
+        "alerts_enabled": True,
+        "rates_over_s": 0.2,
+        "error_rate_min_jobs": 10,
+        "depths_every_s": 0.2,
+    }
+    note = page.fields[(None, "rates_note")]
+    assert "cover the last 0.2 s" in note
+    assert "at least 10 jobs" in note
 
 
 @contextlib.asynccontextmanager
