@@ -37,13 +37,11 @@ log = logging.getLogger("formcraftd.consumer")
 FLUSH_DELAY_S = 0.01  # how long a settled delivery may wait for its neighbours
 
 
-
 class Settled(enum.Enum):
     """Where a settled delivery's ack stands."""
 
     DUE = "due"  # settled, ack not sent yet
     SENT = "sent"  # the ack or nack is on the wire (or its channel is gone)
-
 
 
 class Delivery:

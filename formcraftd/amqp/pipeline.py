@@ -258,9 +258,7 @@ class JobPipeline:
         except Exception as exc:
             breaker.release()
             self._reporter.unexpected(exc, queue=self.queue, job_id=ctx.job_id)
-            log.exception(
-                "handler for %s raised unexpectedly (job %s)", self.queue, ctx.job_id
-            )
+            log.exception("handler for %s raised unexpectedly (job %s)", self.queue, ctx.job_id)
             return RetryLater(f"internal error: {type(exc).__name__}")
         breaker.record_success()
         return delivered
@@ -298,9 +296,7 @@ class JobPipeline:
         if job is not None and not isinstance(failure, BreakerOpen):
             self.stats.durations.observe(duration)
         delivered = result if isinstance(result, Delivered) else None
-        self._report(
-            Attempt(self.kind, self.queue, ctx, job, outcome, final, delivered, duration)
-        )
+        self._report(Attempt(self.kind, self.queue, ctx, job, outcome, final, delivered, duration))
 
     async def _publish_outcome(
         self,

@@ -216,9 +216,7 @@ def unmarshal(kind: int, payload: bytes) -> Any:
     return pamqp.frame.unmarshal(frame)[2]
 
 
-def marshal_message(
-    exchange: str, routing_key: str, header_payload: bytes, body: bytes
-) -> bytes:
+def marshal_message(exchange: str, routing_key: str, header_payload: bytes, body: bytes) -> bytes:
     """The frames of one publish with a content header given as raw bytes (for tests)."""
     publish = pamqp.frame.marshal(
         commands.Basic.Publish(exchange=exchange, routing_key=routing_key), CHANNEL

@@ -38,9 +38,7 @@ async def test_malformed_webhook_jobs_are_validation_errors_reported_once(
                 },
             }
         ),
-        webhook_job(
-            f"http://user:pw@127.0.0.1:{port}/hook", headers={"Authorization": "Bearer x"}
-        ),
+        webhook_job(f"http://user:pw@127.0.0.1:{port}/hook", headers={"Authorization": "Bearer x"}),
     ]
     with caplog.at_level(logging.WARNING, logger="formcraftd"):
         for body in bodies:
