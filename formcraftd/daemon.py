@@ -180,9 +180,10 @@ class Daemon:
                 self.started.set()
                 systemd.notify("READY=1")
                 log.info(
-                    "formcraftd %s consuming %s",
+                    "formcraftd %s consuming %s; HTTP on %s (/healthz, /metrics, status page /)",
                     __version__,
                     ", ".join(self.consumers) or "nothing",
+                    self.http_url(),
                 )
                 helpers = [
                     tg.create_task(self._watchdog(), name="watchdog"),
@@ -316,6 +317,20 @@ class Daemon:
                 await consumer.set_prefetch(consumer.handler.prefetch(worker.concurrency))
             except Exception as exc:  # the channel went; its next one has the new prefetch
                 log.warning("%s: prefetch not changed now: %s", consumer.queue_name, exc)
+
+    def http_url(self) -> str:
+        """The base URL the HTTP server listens on (its real port when configured as 0)."""
+        if self.http_runner is None:
+            return "(not started)"
+        for address in self.http_runner.addresses:
+            if isinstance(address, tuple):
+                host = str(address[0])
+                return (
+                    f"http://[{host}]:{address[1]}"
+                    if ":" in host
+                    else f"http://{host}:{address[1]}"
+                )
+        return "(not listening)"
 
     # --- state for health, status, the monitor ----------------------------------------
 

@@ -219,6 +219,8 @@ _ENV_KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "RABBITMQ_URL": (("broker", "url"), str),
     "FORMCRAFTD_ADMIN_TOKEN": (("http", "admin_token"), str),
     "SENTRY_DSN": (("logging", "sentry_dsn"), str),
+    "FORMCRAFTD_LOG_FORMAT": (("logging", "format"), str),
+    "FORMCRAFTD_LOG_LEVEL": (("logging", "level"), str),
     "WORKER_MONITORING_ENABLED": (("monitoring", "enabled"), bool),
     "WORKER_MONITORING_INTERVAL": (("monitoring", "interval_ms"), int),
     "WEBHOOK_WORKER_CONCURRENCY": (("workers", "webhook", "concurrency"), int),
