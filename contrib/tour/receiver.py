@@ -1,6 +1,6 @@
 """A webhook receiver for the five-minute tour: verifies and prints what it gets.
 
-    python3 contrib/tour/receiver.py            # listens on 127.0.0.1:9900
+    python3 contrib/tour/receiver.py [PORT]     # listens on 127.0.0.1:9900 (or PORT)
 
 It checks the Standard Webhooks signature (`webhook-signature`, HMAC-SHA256
 over ``id.timestamp.body`` with the secret of contrib/tour/webhook.json) the
@@ -11,6 +11,7 @@ verify. Standard library only.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -30,7 +31,7 @@ def verified(secret: str, msg_id: str, timestamp: str, body: bytes, header: str)
 
 
 class Hook(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         ok = verified(
             SECRET,
@@ -47,14 +48,13 @@ class Hook(BaseHTTPRequestHandler):
         self.send_response(200 if ok else 401)
         self.end_headers()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         """Quiet: do_POST prints one line per request."""
 
 
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(ADDRESS, Hook)
-    print(f"receiver on http://{ADDRESS[0]}:{ADDRESS[1]}/hook", file=sys.stderr, flush=True)
-    try:
+    host, port = ADDRESS[0], int(sys.argv[1]) if len(sys.argv) > 1 else ADDRESS[1]
+    server = ThreadingHTTPServer((host, port), Hook)
+    print(f"receiver on http://{host}:{port}/hook", file=sys.stderr, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
