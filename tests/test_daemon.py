@@ -79,10 +79,16 @@ async def test_always_500_is_dead_lettered_after_exactly_attempts_tries(
     """Every try fails with 500: `attempts` requests, then RETRIES_EXHAUSTED with all headers."""
     receiver = await receiver_factory(status(500))
     cfg = make_config(names, retry={"attempts": 3})
-    await start_daemon(cfg)
+    daemon = await start_daemon(cfg)
     job_id = await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url))
     [dead] = await amqp.take(f"dlq.{cfg.workers.webhook.queue}", 1)
     assert len(receiver.requests) == 3
+    errors = daemon.consumers[cfg.workers.webhook.queue].stats.errors
+    deadline = time.monotonic() + 5  # counted once the dead letter's publish is confirmed
+    while "RETRIES_EXHAUSTED" not in errors:
+        assert time.monotonic() < deadline, errors
+        await asyncio.sleep(0.01)
+    assert errors == {"HTTP_STATUS": 2, "RETRIES_EXHAUSTED": 1}  # every failed try counted
     headers = dead.headers
     assert headers["x-formcraft-error-code"] == "RETRIES_EXHAUSTED"
     assert headers["x-formcraft-attempts"] == 3

@@ -17,6 +17,16 @@ from tests.support.process import free_port, wait_exit, wait_healthy, write_conf
 pytestmark = [pytest.mark.e2e]
 
 
+def run_with_env(config_file: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "formcraftd", "run", "--config", str(config_file)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | env,
+        )
+
+
 @pytest.mark.parametrize("log_format", ["json", "console"])
 async def test_the_start_line_names_the_http_address(
     tmp_path: Path, names: Names, amqp: Broker, log_format: str
@@ -26,14 +36,7 @@ async def test_the_start_line_names_the_http_address(
     port = free_port()
     config_file = write_config(tmp_path / "config.toml", names, port=port)
     log = tmp_path / "daemon.log"
-    env = os.environ | {"FORMCRAFTD_LOG_FORMAT": log_format}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "formcraftd", "run", "--config", str(config_file)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    process = run_with_env(config_file, log, FORMCRAFTD_LOG_FORMAT=log_format)
     try:
         await wait_healthy(port)
         process.send_signal(signal.SIGTERM)

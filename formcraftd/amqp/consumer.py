@@ -254,6 +254,7 @@ class Consumer:
         async def set_aside(body: bytes, reason: str) -> None:
             await republisher.set_aside(body, reason)
             self.stats.dead_letter += 1
+            self.stats.count_error("VALIDATION_ERROR")
 
         scan = max(2 * self.prefetch, 50)
         await set_aside_undecodable(self._broker.node_url, self.queue_name, scan, set_aside)

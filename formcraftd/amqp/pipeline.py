@@ -259,7 +259,7 @@ class JobPipeline:
             breaker.release()
             self._reporter.unexpected(exc, queue=self.queue, job_id=ctx.job_id)
             log.exception("handler for %s raised unexpectedly (job %s)", self.queue, ctx.job_id)
-            return RetryLater(f"internal error: {type(exc).__name__}")
+            return RetryLater("INTERNAL_ERROR", f"internal error: {type(exc).__name__}")
         breaker.record_success()
         return delivered
 
@@ -373,4 +373,7 @@ class JobPipeline:
         return "delayed", failure
 
     def _report(self, attempt: Attempt) -> None:
+        code = getattr(attempt.failure, "code", None)
+        if code is not None:
+            self.stats.count_error(code)
         self._reporter.attempt(attempt)

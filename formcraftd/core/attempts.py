@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 from formcraftd.core import events
 from formcraftd.core.config import WorkerKind
-from formcraftd.core.errors import PermanentFailure
+from formcraftd.core.errors import JobFailure, PermanentFailure
 from formcraftd.core.events import DeliveryEvent, EventOutcome
 from formcraftd.core.handler import Delivered, JobContext
 from formcraftd.core.jobs import Job
@@ -78,7 +78,7 @@ def delivery_event(attempt: Attempt) -> DeliveryEvent:
     if failure is None:
         error_code = error = None
     else:
-        error_code = failure.code if isinstance(failure, PermanentFailure) else None
+        error_code = failure.code if isinstance(failure, JobFailure) else "INTERNAL_ERROR"
         error = events.snippet(str(failure))
     ctx = attempt.ctx
     return DeliveryEvent(

@@ -25,6 +25,67 @@ ErrorCode = Literal[
     "BREAKER_OPEN",
     "JOB_EXPIRED",
 ]
+"""Why a job was dead-lettered (`x-formcraft-error-code`)."""
+
+RetryCode = Literal[
+    "TIMEOUT",
+    "CONNECTION_ERROR",
+    "DNS_ERROR",
+    "TLS_ERROR",
+    "HTTP_STATUS",
+    "RATE_LIMITED",
+    "PROXY_ERROR",
+    "SMTP_TEMPORARY",
+    "SMTP_CONNECTION",
+    "RENDER_BUSY",
+    "SHEETS_RATE_LIMITED",
+    "SHEETS_UNAVAILABLE",
+    "SHEETS_CONNECTION",
+    "OAUTH_UNAVAILABLE",
+    "OAUTH_CLIENT_REJECTED",
+    "SHUTDOWN",
+    "INTERNAL_ERROR",
+]
+"""Why a try failed but the job will be tried again."""
+
+AttemptErrorCode = ErrorCode | RetryCode
+"""The error code of an attempt that did not succeed (log line, event, counters)."""
+
+ERROR_CODES: dict[str, str] = {
+    # dead letters
+    "VALIDATION_ERROR": "the message is not a valid job (or a field is refused); never retried",
+    "RETRIES_EXHAUSTED": "every try failed; the last try's reason is in the error",
+    "HTTP_STATUS": "the receiver answered with a status that is not 2xx (retried: 408, 425, 5xx)",
+    "SSRF_BLOCKED": "the webhook URL resolves only to addresses the SSRF guard refuses",
+    "TEMPLATE_ERROR": "the email template or subject cannot be rendered",
+    "ATTACHMENT_ERROR": "an attachment is missing, outside attachments_dir or too large",
+    "RECIPIENT_REJECTED": "the SMTP relay refused every recipient, the sender or the message",
+    "SUPPRESSED": "every recipient is on the suppression list",
+    "AUTH_REVOKED": "credentials refused for good (Google invalid_grant, SMTP AUTH)",
+    "SHEETS_REQUEST_REJECTED": "Google Sheets refused the request (400, 403, 404, ...)",
+    "BREAKER_OPEN": "the destination's circuit breaker is open (delayed without a try; "
+    "dead-lettered after breaker.max_job_age_ms)",
+    "JOB_EXPIRED": "the job waited longer than it may",
+    # retried
+    "TIMEOUT": "no answer within the webhook timeout",
+    "CONNECTION_ERROR": "the connection was refused, reset or lost",
+    "DNS_ERROR": "the destination's host name could not be looked up",
+    "TLS_ERROR": "the TLS handshake or the certificate check failed",
+    "RATE_LIMITED": "the receiver answered 429 Too Many Requests",
+    "PROXY_ERROR": "the egress proxy could not be reached or refused the connection",
+    "SMTP_TEMPORARY": "the SMTP relay answered 4xx (a recipient, MAIL or DATA)",
+    "SMTP_CONNECTION": "the SMTP relay could not be reached, or the connection was lost",
+    "RENDER_BUSY": "every render thread is held by a template that ran past its timeout",
+    "SHEETS_RATE_LIMITED": "Google answered 429 or a quota error",
+    "SHEETS_UNAVAILABLE": "Google answered 5xx, 408, 409 or 425",
+    "SHEETS_CONNECTION": "Google could not be reached, or did not answer in time",
+    "OAUTH_UNAVAILABLE": "the OAuth token endpoint was down or answered an unusable token",
+    "OAUTH_CLIENT_REJECTED": "the OAuth token endpoint refused the client (client_id, "
+    "client_secret, token_url)",
+    "SHUTDOWN": "the daemon stopped while the job's call was on the wire",
+    "INTERNAL_ERROR": "an unexpected error in formcraftd (logged with its traceback)",
+}
+"""Every error code an attempt can carry, with what it means (README, `schema events`)."""
 
 
 class FormcraftError(Exception):
@@ -48,7 +109,9 @@ class TopologyError(BrokerError):
 
 
 class JobFailure(FormcraftError):
-    """Base of the exceptions that decide a job's fate."""
+    """Base of the exceptions that decide a job's fate; each carries an error `code`."""
+
+    code: AttemptErrorCode
 
 
 class PermanentFailure(JobFailure):
@@ -79,7 +142,7 @@ class PermanentFailure(JobFailure):
 
 
 class RetryLater(JobFailure):
-    """A transient failure: try again after `after` seconds (None = the schedule's delay).
+    """A transient failure with `code`: try again after `after` seconds (None = the schedule's).
 
     `replacement` is an updated job body to republish instead of the original
     (the email worker uses it to retry only the recipients not yet accepted).
@@ -87,6 +150,7 @@ class RetryLater(JobFailure):
 
     def __init__(
         self,
+        code: RetryCode,
         reason: str,
         *,
         after: float | None = None,
@@ -96,6 +160,7 @@ class RetryLater(JobFailure):
         snippet: str | None = None,
     ) -> None:
         super().__init__(reason)
+        self.code: RetryCode = code
         self.reason = reason
         self.after = after
         self.status = status
@@ -105,11 +170,13 @@ class RetryLater(JobFailure):
         self.counts_for_breaker = counts_for_breaker
 
     def __repr__(self) -> str:
-        return f"RetryLater({self.reason!r}, after={self.after}, status={self.status})"
+        return f"RetryLater({self.code}, {self.reason!r}, after={self.after}, status={self.status})"
 
 
 class BreakerOpen(JobFailure):
     """The breaker for `key` is open for `remaining` more seconds; delay without a try."""
+
+    code: ErrorCode = "BREAKER_OPEN"
 
     def __init__(self, key: str, remaining: float) -> None:
         super().__init__(f"circuit breaker {key} is open")

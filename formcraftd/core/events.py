@@ -15,6 +15,7 @@ from typing import Literal
 import msgspec
 
 from formcraftd.core.config import WorkerKind
+from formcraftd.core.errors import AttemptErrorCode
 from formcraftd.core.redaction import redact
 from formcraftd.core.text import one_line, utc_now
 
@@ -34,7 +35,7 @@ class DeliveryEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="event"
     attempt: int
     status_code: int | None = None
     duration_ms: float = 0.0
-    error_code: str | None = None
+    error_code: AttemptErrorCode | None = None
     error: str | None = None
     response_snippet: str | None = None
     at: str

@@ -48,6 +48,11 @@ class QueueStats:
     delayed: int = 0  # delayed by an open breaker, without using a try
     duplicates: int = 0  # redeliveries of settled jobs, acked without running again
     durations: JobDurations = field(default_factory=JobDurations)
+    errors: dict[str, int] = field(default_factory=dict)  # failed attempts by error code
+
+    def count_error(self, code: str) -> None:
+        """One more attempt that failed with `code` (retried, delayed or dead-lettered)."""
+        self.errors[code] = self.errors.get(code, 0) + 1
 
     @property
     def finished(self) -> int:

@@ -60,19 +60,22 @@ class _QueueCollector(Collector):
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        jobs, duplicates, durations, in_flight, limit = self._families()
+        jobs, errors, duplicates, durations, in_flight, limit = self._families()
         for queue, watched in list(self._queues.items()):
             stats = watched.stats
             for outcome in _OUTCOMES:
                 jobs.add_metric([queue, outcome], getattr(stats, outcome))
+            for code, count in sorted(stats.errors.items()):
+                errors.add_metric([queue, code], count)
             duplicates.add_metric([queue], stats.duplicates)
             durations.add_metric([queue], stats.durations.cumulative(), stats.durations.sum)
             in_flight.add_metric([queue], watched.in_flight())
             limit.add_metric([queue], watched.concurrency())
-        yield from (jobs, duplicates, durations, in_flight, limit)
+        yield from (jobs, errors, duplicates, durations, in_flight, limit)
 
     @staticmethod
     def _families() -> tuple[
+        CounterMetricFamily,
         CounterMetricFamily,
         CounterMetricFamily,
         HistogramMetricFamily,
@@ -82,6 +85,11 @@ class _QueueCollector(Collector):
         return (
             CounterMetricFamily(
                 "formcraftd_jobs", "Jobs finished, by outcome.", labels=["queue", "outcome"]
+            ),
+            CounterMetricFamily(
+                "formcraftd_job_errors",
+                "Attempts that did not succeed, by error code (retried, delayed or dead-lettered).",
+                labels=["queue", "code"],
             ),
             CounterMetricFamily(
                 "formcraftd_duplicates_skipped",

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from formcraftd.core.attempts import Attempt, delivery_event
-from formcraftd.core.errors import BreakerOpen, PermanentFailure, RetryLater
+from formcraftd.core.errors import BreakerOpen, JobFailure, PermanentFailure, RetryLater
 from formcraftd.core.events import Emit
 from formcraftd.core.text import one_line
 from formcraftd.ops import tracking
@@ -66,10 +66,11 @@ def log_attempt(attempt: Attempt) -> None:
     reason = ""
     if failure is not None:
         if isinstance(failure, PermanentFailure):
-            fields["error_code"] = failure.code
             reason = failure.reason
         elif isinstance(failure, RetryLater | BreakerOpen):
             reason = str(failure)
+        if isinstance(failure, JobFailure):
+            fields["error_code"] = failure.code
         status = getattr(failure, "status", None)
         if status is not None:
             fields["status"] = status

@@ -117,11 +117,13 @@ async def test_each_webhook_attempt_publishes_exactly_one_event(
     assert event["event"] == "delivery"
     assert (event["form_id"], event["submission_id"], event["attempt"]) == ("form-ok", "sub-1", 1)
     assert event["status_code"] == 200
+    assert event["error_code"] is None
     assert event["response_snippet"] == "answer 200"
     assert event["duration_ms"] >= 0
     assert [k for k, _ in by_job[bad_id]] == ["webhook.retrying", "webhook.dead_lettered"]
     retrying, dead = (e for _, e in by_job[bad_id])
     assert (retrying["attempt"], retrying["status_code"]) == (1, 500)
+    assert retrying["error_code"] == "HTTP_STATUS"  # a retried attempt says why, too
     assert (dead["attempt"], dead["error_code"]) == (2, "RETRIES_EXHAUSTED")
     assert "answer 500" in dead["response_snippet"]
     [(key, event)] = by_job[junk_id]

@@ -33,6 +33,9 @@ def test_job_counters_are_exported_by_queue_and_outcome() -> None:
     email.dead_letter += 1
     email.delayed += 2
     webhook.duplicates += 1
+    webhook.count_error("TIMEOUT")
+    webhook.count_error("TIMEOUT")
+    email.count_error("SMTP_TEMPORARY")
     got = samples(metrics.render())
 
     def jobs(queue: str, outcome: str) -> float:
@@ -45,6 +48,9 @@ def test_job_counters_are_exported_by_queue_and_outcome() -> None:
     assert jobs("email_tasks", "success") == 0
     assert got[("formcraftd_duplicates_skipped_total", (("queue", "webhook_tasks"),))] == 1
     assert not [name for name, _ in got if name.endswith("_created")]
+    errors = "formcraftd_job_errors_total"
+    assert got[(errors, (("code", "TIMEOUT"), ("queue", "webhook_tasks")))] == 2
+    assert got[(errors, (("code", "SMTP_TEMPORARY"), ("queue", "email_tasks")))] == 1
 
 
 def test_durations_match_a_prometheus_client_histogram() -> None:

@@ -55,7 +55,9 @@ def make_attempt(
 ATTEMPTS: dict[str, Attempt] = {
     "success": make_attempt(),
     "retry": make_attempt(
-        "retry", RetryLater("HTTP 503 from https://example.com", status=503), duration=2.5
+        "retry",
+        RetryLater("HTTP_STATUS", "HTTP 503 from https://example.com", status=503),
+        duration=2.5,
     ),
     "delayed": make_attempt("delayed", BreakerOpen("https://example.com", 12.5)),
     "dead letter": make_attempt(
@@ -75,7 +77,10 @@ ATTEMPTS: dict[str, Attempt] = {
         ),
     ),
     "reason over lines, quoted, not ASCII": make_attempt(
-        "retry", RetryLater('first line\r\n  "second" \\ back\tslash \u00e9\u2713 ' + "x" * 600)
+        "retry",
+        RetryLater(
+            "CONNECTION_ERROR", 'first line\r\n  "second" \\ back\tslash \u00e9\u2713 ' + "x" * 600
+        ),
     ),
     "secret-like ids": make_attempt(
         job_id='msg "1" token=abc',
@@ -128,6 +133,7 @@ def test_each_attempt_is_one_json_line_with_its_fields(
     assert line["duration_ms"] == round(attempt.duration * 1000, 1)
     assert line["msg"].startswith("job ")
     assert ("form_id" in line) == (attempt.job is not None)
+    assert line.get("error_code") == getattr(attempt.failure, "code", None)
 
 
 def test_a_secret_in_the_reason_is_masked(stream: io.StringIO) -> None:

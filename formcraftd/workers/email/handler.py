@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from formcraftd.core.config import EmailWorkerConfig
-from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
+from formcraftd.core.errors import ConfigError, PermanentFailure, RetryCode, RetryLater
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import EmailJob
@@ -292,7 +292,7 @@ class EmailHandler:
                 f"{payload.template}: rendering took longer than {renderer.timeout_s:g} s"
             ) from None
         except RenderThreadsBusy as exc:
-            raise RetryLater(str(exc), counts_for_breaker=False) from None
+            raise RetryLater("RENDER_BUSY", str(exc), counts_for_breaker=False) from None
 
     def _build(
         self,
@@ -345,6 +345,7 @@ class EmailHandler:
             code, text = next(iter(deferred.values()))
             payload = msgspec.structs.replace(job.payload, to=retried)
             raise RetryLater(
+                "SMTP_TEMPORARY",
                 f"{len(deferred)} of {len(recipients)} recipients deferred ({code} {text});"
                 " retrying only those",
                 status=code,
@@ -396,7 +397,8 @@ def _failure(exc: SmtpError, settings: _Settings) -> PermanentFailure | RetryLat
         )
         return PermanentFailure("AUTH_REVOKED", exc.reason, status=exc.status)
     if exc.transient:
-        return RetryLater(exc.reason, status=exc.status)
+        code: RetryCode = "SMTP_CONNECTION" if exc.status is None else "SMTP_TEMPORARY"
+        return RetryLater(code, exc.reason, status=exc.status)
     return PermanentFailure("RECIPIENT_REJECTED", exc.reason, status=exc.status)
 
 

@@ -24,7 +24,7 @@ import msgspec
 from aiogoogle.resource import GoogleAPI
 from yarl import URL
 
-from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
+from formcraftd.core.errors import ConfigError, PermanentFailure, RetryCode, RetryLater
 from formcraftd.core.redaction import redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
@@ -158,9 +158,11 @@ async def send(
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             status = resp.status
     except TimeoutError:
-        raise RetryLater(f"{request.what}: no answer within {_TIMEOUT_S:.0f} s") from None
+        raise RetryLater(
+            "SHEETS_CONNECTION", f"{request.what}: no answer within {_TIMEOUT_S:.0f} s"
+        ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise RetryLater(f"{request.what}: {type(exc).__name__}") from None
+        raise RetryLater("SHEETS_CONNECTION", f"{request.what}: {type(exc).__name__}") from None
     if 200 <= status < 300:
         return ApiResponse(status, retry_after, "", "")
     error_status, message = _google_error(body, token.value)
@@ -211,7 +213,8 @@ def judge(response: ApiResponse, request: ApiRequest) -> None:
     if response.error_message:
         reason += f": {response.error_message}"
     if status in _RETRYABLE or status >= 500 or rate_limited(response):
-        raise RetryLater(reason, after=response.retry_after, status=status)
+        code: RetryCode = "SHEETS_RATE_LIMITED" if rate_limited(response) else "SHEETS_UNAVAILABLE"
+        raise RetryLater(code, reason, after=response.retry_after, status=status)
     if status == 401:
         raise PermanentFailure(
             "AUTH_REVOKED", f"{reason} (even with a fresh access token)", status=status

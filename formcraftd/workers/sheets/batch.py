@@ -205,12 +205,14 @@ class Batcher(Generic[K, T]):
             if len(outcomes) != len(entries):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(entries)} items")
         except asyncio.CancelledError:
-            _settle_all(entries, lambda: RetryLater("shut down while the batch was being sent"))
+            _settle_all(
+                entries, lambda: RetryLater("SHUTDOWN", "shut down while the batch was being sent")
+            )
             raise
         except Exception as exc:
             log.exception("flushing a batch of %d failed unexpectedly", len(entries))
             name = type(exc).__name__
-            _settle_all(entries, lambda: RetryLater(f"internal error: {name}"))
+            _settle_all(entries, lambda: RetryLater("INTERNAL_ERROR", f"internal error: {name}"))
             return
         for pending, outcome in zip(entries, outcomes, strict=True):
             if pending.future.done():

@@ -115,9 +115,13 @@ def copy_failure(failure: JobFailure) -> JobFailure:
         )
     if isinstance(failure, RetryLater):
         return RetryLater(
-            failure.reason, after=failure.after, status=failure.status, counts_for_breaker=False
+            failure.code,
+            failure.reason,
+            after=failure.after,
+            status=failure.status,
+            counts_for_breaker=False,
         )
-    return RetryLater(str(failure))
+    return RetryLater("INTERNAL_ERROR", str(failure))
 
 
 class TokenCache:
@@ -238,7 +242,8 @@ class TokenCache:
         client = self.client
         if not client.client_id or not client.client_secret:
             raise RetryLater(
-                "no Google OAuth client is configured (workers.sheets.client_id / client_secret)"
+                "OAUTH_CLIENT_REJECTED",
+                "no Google OAuth client is configured (workers.sheets.client_id / client_secret)",
             )
         form = {
             "grant_type": "refresh_token",
@@ -254,9 +259,13 @@ class TokenCache:
                 body = await read_body(resp, _MAX_RESPONSE_BYTES)
                 status, retry_after = resp.status, resp.headers.get("Retry-After")
         except TimeoutError:
-            raise RetryLater("OAuth token endpoint: no answer within 30 s") from None
+            raise RetryLater(
+                "OAUTH_UNAVAILABLE", "OAuth token endpoint: no answer within 30 s"
+            ) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise RetryLater(f"OAuth token endpoint: {type(exc).__name__}") from None
+            raise RetryLater(
+                "OAUTH_UNAVAILABLE", f"OAuth token endpoint: {type(exc).__name__}"
+            ) from None
         return self._parse(status, body, retry_after)
 
     def _parse(self, status: int, body: bytes, retry_after: str | None) -> AccessToken:
@@ -266,7 +275,11 @@ class TokenCache:
             except msgspec.MsgspecError:
                 parsed = _TokenResponse()
             if not parsed.access_token or parsed.expires_in <= 0:
-                raise RetryLater("OAuth token endpoint: malformed token response", status=status)
+                raise RetryLater(
+                    "OAUTH_UNAVAILABLE",
+                    "OAuth token endpoint: malformed token response",
+                    status=status,
+                )
             expiry = int(self._clock_ms()) + parsed.expires_in * 1000
             return AccessToken(parsed.access_token, expiry)
         error = _error_code(body)
@@ -280,9 +293,11 @@ class TokenCache:
             )
         reason = f"OAuth token endpoint: HTTP {status}" + (f" {error}" if error else "")
         if status == 429 or status >= 500:
-            raise RetryLater(reason, after=parse_retry_after(retry_after), status=status)
+            raise RetryLater(
+                "OAUTH_UNAVAILABLE", reason, after=parse_retry_after(retry_after), status=status
+            )
         log.error("%s: check workers.sheets.client_id, client_secret and token_url", reason)
-        raise RetryLater(reason, status=status)
+        raise RetryLater("OAUTH_CLIENT_REJECTED", reason, status=status)
 
 
 def _error_code(body: bytes) -> str:

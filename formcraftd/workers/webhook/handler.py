@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from formcraftd.core.config import WebhookWorkerConfig
-from formcraftd.core.errors import PermanentFailure, RetryLater
+from formcraftd.core.errors import PermanentFailure, RetryCode, RetryLater
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import Delivered, JobContext
 from formcraftd.core.jobs import WebhookJob
@@ -277,7 +279,7 @@ async def _send(
         ) from None
     except TimeoutError:
         raise RetryLater(
-            f"{request.origin}: no answer within {settings.timeout_s * 1000:.0f} ms"
+            "TIMEOUT", f"{request.origin}: no answer within {settings.timeout_s * 1000:.0f} ms"
         ) from None
     except aiohttp.InvalidURL:
         raise PermanentFailure(
@@ -290,7 +292,7 @@ async def _send(
             reached_service=False,
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise RetryLater(f"{request.origin}: {_describe(exc)}") from None
+        raise RetryLater(_transport_code(exc), f"{request.origin}: {_describe(exc)}") from None
 
 
 async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -317,6 +319,26 @@ async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(head)
 
 
+# aiohttp 3.11+ raises ClientConnectorDNSError for a failed lookup; older ones a
+# ClientConnectorError around the resolver's socket.gaierror.
+_DNS_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error for error in (getattr(aiohttp, "ClientConnectorDNSError", None),) if error is not None
+)
+
+
+def _transport_code(exc: BaseException) -> RetryCode:
+    """The error code of a request that got no HTTP answer (aiohttp's public exceptions)."""
+    if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
+        return "PROXY_ERROR"
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch | ssl.SSLError):
+        return "TLS_ERROR"
+    if isinstance(exc, _DNS_ERRORS) or (
+        isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, socket.gaierror)
+    ):
+        return "DNS_ERROR"
+    return "CONNECTION_ERROR"
+
+
 def _describe(exc: BaseException) -> str:
     """A short name for a transport error; aiohttp's messages may quote the full URL."""
     os_error = getattr(exc, "os_error", exc)
@@ -341,7 +363,11 @@ def _judge(response: _Response, request: WebhookRequest) -> Delivered:
         reason += f": {snippet}"
     if status in _RETRYABLE or 500 <= status < 600:
         raise RetryLater(
-            reason, after=parse_retry_after(response.retry_after), status=status, snippet=snippet
+            "RATE_LIMITED" if status == 429 else "HTTP_STATUS",
+            reason,
+            after=parse_retry_after(response.retry_after),
+            status=status,
+            snippet=snippet,
         )
     raise PermanentFailure("HTTP_STATUS", reason, status=status, snippet=snippet)
 

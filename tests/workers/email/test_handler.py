@@ -260,6 +260,7 @@ async def test_a_452_recipient_is_retried_alone(
     with pytest.raises(RetryLater) as caught:
         await handler.handle(job, job_context())
     assert caught.value.status == 452
+    assert caught.value.code == "SMTP_TEMPORARY"
     replacement = caught.value.replacement
     assert isinstance(replacement, EmailJob)
     assert replacement.payload.to == ["Busy <busy@example.com>"]
@@ -276,6 +277,7 @@ async def test_4xx_on_mail_is_retryable_and_5xx_on_data_is_permanent(
     with pytest.raises(RetryLater) as caught:
         await handler.handle(email_job(), job_context())
     assert caught.value.status == 451
+    assert caught.value.code == "SMTP_TEMPORARY"
     smtp_server.script.data = ["554 5.7.1 looks like spam"]
     failure = await fails_with(handler, email_job(), "RECIPIENT_REJECTED")
     assert failure.status == 554
@@ -285,8 +287,9 @@ async def test_4xx_on_mail_is_retryable_and_5xx_on_data_is_permanent(
 async def test_an_unreachable_server_is_retryable(make_handler: HandlerFactory) -> None:
     """Connection refused: RetryLater, never a dead letter on the first try."""
     handler = await make_handler(None)
-    with pytest.raises(RetryLater, match="cannot connect"):
+    with pytest.raises(RetryLater, match="cannot connect") as caught:
         await handler.handle(email_job(), job_context())
+    assert caught.value.code == "SMTP_CONNECTION"
 
 
 # --- SMTP security and authentication -------------------------------------------------------------

@@ -229,6 +229,7 @@ async def test_token_endpoint_outage_is_retryable(
     outcome = await Runner(await make_handler()).run(job(refresh, "ya29.old", 1))
     assert isinstance(outcome, RetryLater)
     assert (outcome.status, outcome.after) == (503, 7.0)
+    assert outcome.code == "OAUTH_UNAVAILABLE"
 
 
 async def test_a_refresh_emits_the_form_id_and_new_token(
@@ -346,6 +347,7 @@ async def test_a_failing_batch_gives_each_job_its_own_failure(
     outcomes = await Runner(handler).run_all([job(refresh, access, expiry) for _ in range(5)])
     assert all(isinstance(outcome, RetryLater) for outcome in outcomes)
     assert {getattr(outcome, "status", None) for outcome in outcomes} == {500}
+    assert {getattr(outcome, "code", None) for outcome in outcomes} == {"SHEETS_UNAVAILABLE"}
     assert len({id(outcome) for outcome in outcomes}) == 5
     assert len(google.calls) == 1
 
@@ -444,6 +446,7 @@ async def test_429_retry_after_is_honoured_and_pauses_the_bucket(
     second = await runner.run(job(refresh, access, expiry))
     assert isinstance(first, RetryLater)
     assert (first.status, first.after) == (429, 1.0)
+    assert first.code == "SHEETS_RATE_LIMITED"
     assert second is None
     assert google.calls[1].at - google.calls[0].at >= 0.95
 
@@ -455,6 +458,7 @@ async def test_network_error_is_retryable(make_handler: HandlerFactory, google: 
     outcome = await Runner(handler).run(job(refresh, access, expiry))
     assert isinstance(outcome, RetryLater)
     assert "ClientConnectorError" in outcome.reason
+    assert outcome.code == "SHEETS_CONNECTION"
 
 
 # --- rate limits -------------------------------------------------------------------

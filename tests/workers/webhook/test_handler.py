@@ -193,6 +193,7 @@ async def test_500_retries_with_status(receiver: Receiver, handler: WebhookHandl
     with pytest.raises(RetryLater) as info:
         await handler.handle(job(receiver.url()), ctx())
     assert info.value.status == 500 and info.value.after is None
+    assert info.value.code == "HTTP_STATUS"
     assert "database is down" in info.value.reason and "\n" not in info.value.reason
 
 
@@ -202,6 +203,7 @@ async def test_429_retry_after_seconds(receiver: Receiver, handler: WebhookHandl
     with pytest.raises(RetryLater) as info:
         await handler.handle(job(receiver.url()), ctx())
     assert info.value.status == 429 and info.value.after == 7
+    assert info.value.code == "RATE_LIMITED"
 
 
 async def test_503_retry_after_http_date(receiver: Receiver, handler: WebhookHandler) -> None:
@@ -220,6 +222,7 @@ async def test_408_and_425_retry(receiver: Receiver, handler: WebhookHandler, st
     with pytest.raises(RetryLater) as info:
         await handler.handle(job(receiver.url()), ctx())
     assert info.value.status == status
+    assert info.value.code == "HTTP_STATUS"
 
 
 async def test_404_is_permanent(receiver: Receiver, handler: WebhookHandler) -> None:
@@ -409,6 +412,35 @@ async def test_slow_receiver_times_out(receiver: Receiver, quick_handler: Webhoo
         await quick_handler.handle(job(receiver.url()), ctx())
     assert time.monotonic() - started < QUICK_TIMEOUT_MS / 1000 + SLACK_S
     assert info.value.status is None
+    assert info.value.code == "TIMEOUT"
+
+
+async def test_a_closed_port_is_a_connection_error(handler: WebhookHandler) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        with pytest.raises(RetryLater) as info:
+            await handler.handle(job(f"http://127.0.0.1:{port}/hook"), ctx())
+    assert info.value.code == "CONNECTION_ERROR"
+    assert "Connect" in info.value.reason
+
+
+async def test_a_name_that_does_not_resolve_is_a_dns_error() -> None:
+    """`.invalid` never resolves (RFC 2606): DNS_ERROR, retried."""
+    h = await started_handler(WebhookWorkerConfig(allow_private_networks=True, timeout_ms=5000))
+    try:
+        with pytest.raises(RetryLater) as info:
+            await h.handle(job("http://no-such-host.invalid/hook"), ctx())
+    finally:
+        await h.aclose()
+    assert info.value.code == "DNS_ERROR"
+
+
+async def test_a_tls_failure_is_a_tls_error(receiver: Receiver, handler: WebhookHandler) -> None:
+    """HTTPS to a plain-HTTP receiver: the handshake fails, TLS_ERROR."""
+    with pytest.raises(RetryLater) as info:
+        await handler.handle(job(receiver.url().replace("http://", "https://")), ctx())
+    assert info.value.code == "TLS_ERROR"
 
 
 @pytest.mark.timeout(20)
