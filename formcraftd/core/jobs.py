@@ -23,6 +23,14 @@ from formcraftd.core.text import one_line
 ShortText = Annotated[str, msgspec.Meta(max_length=1024)]
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
 HeaderMap = Annotated[dict[str, str], msgspec.Meta(max_length=100)]
+# One signing secret, or several while one is rotated out (each signs; see
+# formcraftd.workers.webhook.signing). A list of 10 still costs little per job.
+MAX_SECRETS = 10
+Secret = Annotated[str, msgspec.Meta(max_length=4096)]
+SecretList = Annotated[
+    list[Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]],
+    msgspec.Meta(min_length=1, max_length=MAX_SECRETS),
+]
 
 
 class JobInvalid(FormcraftError):
@@ -46,7 +54,17 @@ class WebhookPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     method: Literal["POST", "PUT"] = "POST"
     headers: HeaderMap = {}
     body: Any = None
-    secret: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    secret: Annotated[
+        Secret | SecretList,
+        msgspec.Meta(
+            description=(
+                "Standard Webhooks signing secret: whsec_<base64> or any other string "
+                "(HMAC-SHA256, v1), or whsk_<base64> (an Ed25519 private key, v1a); "
+                "empty: unsigned. A list signs with each (rotation), the current one first; "
+                "X-FormCraft-Signature uses the first when it is an HMAC secret."
+            )
+        ),
+    ] = ""
 
     def __post_init__(self) -> None:
         problem = _url_problem(self.url)

@@ -1,9 +1,9 @@
 """Masking secrets in text, URLs and decoded JSON before anything is shown.
 
 :func:`redact` masks obvious secrets in free text (URL passwords, ``whsec_``
-keys, bearer and basic credentials, ``password=...``-style pairs); every log
-line, error reason, dead-letter header and event snippet passes through it as
-a last line of defence. :func:`mask_url` masks the password of a URL (or of
+and ``whsk_`` keys, bearer and basic credentials, ``password=...``-style pairs);
+every log line, error reason, dead-letter header and event snippet passes
+through it as a last line of defence. :func:`mask_url` masks the password of a URL (or of
 each URL of a comma-separated list) and :func:`mask_json` every value of a
 decoded JSON document whose key names a secret. Call sites must still never
 show a secret on purpose.
@@ -19,7 +19,8 @@ MASK = "***"
 # A URL in free text: up to whitespace, a quote, an angle bracket or a backslash
 # (JSON quotes inside JSON).
 _URL = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s"'<>`\\]+""")
-_WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
+# Standard Webhooks secrets: HMAC (whsec_) and Ed25519 private (whsk_) keys.
+_WEBHOOK_KEY = re.compile(r"(?P<prefix>whsec_|whsk_)[A-Za-z0-9+/=_-]+")
 _AUTH_SCHEME = re.compile(r"\b(?P<scheme>Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _SECRET_PAIR = re.compile(
     r"""(?P<key>(?:[\w-]*(?:password|passwd|secret)|access_token|refresh_token|id_token
@@ -42,7 +43,7 @@ def _mask_value(match: re.Match[str]) -> str:
 # Every pattern above needs one of these; most log text has none, and one
 # search is far cheaper than four substitutions (job lines are on the hot path).
 _MAYBE_SECRET = re.compile(
-    r"://|whsec_|bearer|basic|passw|secret|token|api[_-]?key|authorization", re.IGNORECASE
+    r"://|whsec_|whsk_|bearer|basic|passw|secret|token|api[_-]?key|authorization", re.IGNORECASE
 )
 # The same words as plain substrings, looked for in lower-cased ASCII text. For
 # ASCII this finds exactly what _MAYBE_SECRET finds (the further case matches of
@@ -51,6 +52,7 @@ _MAYBE_SECRET = re.compile(
 _SECRET_WORDS_LOWER = (
     "://",
     "whsec_",
+    "whsk_",
     "bearer",
     "basic",
     "passw",
@@ -85,7 +87,7 @@ def _has_secret_word(lower: str) -> bool:
 
 
 def redact(text: str) -> str:
-    """`text` with URL userinfo and query values, ``whsec_`` keys, bearer tokens and pairs masked.
+    """`text` with URL userinfo and query values, webhook keys, bearer tokens and pairs masked.
 
     Each pattern runs only when its own words are in `text`: a substitution that
     cannot match changes nothing, and _SECRET_PAIR is slow to find nothing
@@ -99,7 +101,7 @@ def redact(text: str) -> str:
         if _MAYBE_SECRET.search(text) is None:
             return text
         text = _URL.sub(_mask_url_match, text)
-        text = _WHSEC.sub("whsec_***", text)
+        text = _WEBHOOK_KEY.sub(r"\g<prefix>***", text)
         text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
         return _SECRET_PAIR.sub(_mask_value, text)
     lower = text.lower()
@@ -107,8 +109,8 @@ def redact(text: str) -> str:
         return text
     if "://" in lower:
         text = _URL.sub(_mask_url_match, text)
-    if "whsec_" in text:
-        text = _WHSEC.sub("whsec_***", text)
+    if "whsec_" in text or "whsk_" in text:
+        text = _WEBHOOK_KEY.sub(r"\g<prefix>***", text)
     if "bearer" in lower or "basic" in lower:
         text = _AUTH_SCHEME.sub(r"\g<scheme> ***", text)
     if _PAIR_WORDS_LOWER.search(lower) is not None:

@@ -331,6 +331,33 @@ def test_reason_does_not_echo_the_secret() -> None:
     assert "kkkk" not in reason
 
 
+def test_a_list_of_secrets_decodes_in_order() -> None:
+    """payload.secret may be a list of secrets (rotation), kept in the order given."""
+    secrets = ["whsec_bmV3LXNlY3JldA==", "whsk_" + "A" * 43 + "=", "plain-old-secret"]
+    job = jobs.decode(changed(WEBHOOK, "payload.secret", secrets))
+    assert isinstance(job, WebhookJob) and job.payload.secret == secrets
+
+
+@pytest.mark.parametrize(
+    "secrets",
+    [[], ["s"] * (jobs.MAX_SECRETS + 1), ["whsec_ok", ""], ["whsec_ok", 7], ["x" * 4097]],
+    ids=["empty", "too-many", "empty-item", "not-a-string", "too-long"],
+)
+def test_a_bad_list_of_secrets_is_invalid(secrets: list[Any]) -> None:
+    """An empty list, more than MAX_SECRETS, or an item that is not a short non-empty string."""
+    reason = assert_invalid(changed(WEBHOOK, "payload.secret", secrets))
+    assert "$.payload.secret" in reason and "xxxx" not in reason
+
+
+def test_the_schema_documents_secret_as_a_string_or_a_list() -> None:
+    """`formcraftd schema webhook` shows both forms of payload.secret and their bounds."""
+    secret = jobs.schema("webhook")["$defs"]["WebhookPayload"]["properties"]["secret"]
+    string, array = secret["anyOf"]
+    assert string["type"] == "string" and array["type"] == "array"
+    assert (array["minItems"], array["maxItems"]) == (1, jobs.MAX_SECRETS)
+    assert "whsk_" in secret["description"]
+
+
 def test_job_invalid_is_a_formcraft_error() -> None:
     """JobInvalid belongs to the one exception tree."""
     assert issubclass(JobInvalid, FormcraftError)

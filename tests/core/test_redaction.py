@@ -19,6 +19,7 @@ from formcraftd.core.redaction import mask_json, mask_url
         ("https://ghp_token123@h.example/x", "https://***@h.example/x"),
         ('{"url": "https://h/x?sig=abc"}', '{"url": "https://h/x?sig=***"}'),
         ("key whsec_abc+/=", "key whsec_***"),
+        ("key whsk_6Xb/dCc+Kvg==, next", "key whsk_***, next"),
         ("authorization: bearer abc.def", "authorization: bearer ***"),
         ("{'Authorization': 'Token abc'}", "{'Authorization': '***'}"),
         ("access_token=a&refresh_token=b", "access_token=***&refresh_token=***"),
@@ -32,7 +33,18 @@ def test_redact_masks_secrets(text: str, expected: str) -> None:
     assert redaction.redact(text) == expected
 
 
-SECRET_WORDS = ["://", "whsec_", "Bearer", "BASIC", "passw", "Secret", "tOkEn", "api-key", "apikey"]
+SECRET_WORDS = [
+    "://",
+    "whsec_",
+    "whsk_",
+    "Bearer",
+    "BASIC",
+    "passw",
+    "Secret",
+    "tOkEn",
+    "api-key",
+    "apikey",
+]
 
 
 @given(
@@ -57,7 +69,7 @@ def redact_with_every_pattern(text: str) -> str:
     if not redaction.might_contain_secret(text):
         return text
     text = redaction._URL.sub(redaction._mask_url_match, text)
-    text = redaction._WHSEC.sub("whsec_***", text)
+    text = redaction._WEBHOOK_KEY.sub(r"\g<prefix>***", text)
     text = redaction._AUTH_SCHEME.sub(r"\g<scheme> ***", text)
     return redaction._SECRET_PAIR.sub(redaction._mask_value, text)
 
@@ -66,6 +78,7 @@ SECRET_PIECES = [
     *SECRET_WORDS,
     "https://u:pw@h/",
     "whsec_abc",
+    "whsk_abc",
     "Bearer x.y",
     "basic dXNlcjpwdw==",
     "password=hunter2",
@@ -134,6 +147,12 @@ def test_mask_json_masks_values_under_secret_keys_at_any_depth() -> None:
         "payload": {"secret": "***", "headers": {"X-Api-Key": "***"}, "note": "Bearer ***"},
         "list": [{"refresh_token": "***"}, "plain"],
     }
+
+
+def test_mask_json_masks_a_list_of_secrets_whole() -> None:
+    """A rotation's list of webhook secrets is masked as one value, not item by item."""
+    document = {"payload": {"secret": ["whsec_bmV3", "whsk_b2xk", "plain-old-secret"]}}
+    assert mask_json(document) == {"payload": {"secret": "***"}}
 
 
 def test_mask_url_can_hide_a_path_that_is_the_secret() -> None:

@@ -254,3 +254,59 @@ async def test_urls_and_what_receivers_echo_never_leak(
     assert "token=***" in peek  # the job's URL is shown, its query masked
     for secret in (USER_PASSWORD, ECHOED_TOKEN, basic, access, WEBHOOK_SECRET):
         assert secret not in written, f"{secret[:6]}... leaked"
+
+
+ROTATED_SECRETS = [
+    "whsec_" + base64.b64encode(b"rotation-current-secret-1a1a").decode(),
+    "whsk_" + base64.b64encode(bytes(range(7, 39))).decode(),  # an Ed25519 private key
+    "rotation-old-plain-secret-2b2b",
+]
+
+
+async def test_no_secret_of_a_rotation_list_leaks(
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """A list of secrets, echoed back by a receiver or refused as invalid: masked everywhere.
+
+    One job's receiver echoes its headers and the secrets into a 404; another job's
+    second secret is no Ed25519 key. No secret of either list (nor its base64 part)
+    reaches a log line, a dead-letter header or the admin API's view of the DLQ.
+    """
+    secrets = ROTATED_SECRETS
+
+    async def echo(request: web.Request, _n: int) -> web.StreamResponse:
+        return web.Response(status=404, text=f"{dict(request.headers)} {' '.join(secrets)}")
+
+    receiver = await receiver_factory(echo)
+    stream = io.StringIO()
+    cfg = make_config(names, http={"admin_token": ADMIN_TOKEN})
+    invalid = [secrets[0], "whsk_" + base64.b64encode(b"rotation-bad-key-3c3c").decode()]
+    logs.configure(msgspec.structs.replace(cfg.logging, debug_workers=("*",)), stream=stream)
+    try:
+        daemon = await start_daemon(cfg)
+        queue = cfg.workers.webhook.queue
+        await amqp.publish(queue, webhook_job(receiver.url, secret=secrets))
+        await amqp.publish(queue, webhook_job(receiver.url, secret=invalid))
+        async with asyncio.timeout(30):
+            while await amqp.depth(f"dlq.{queue}") < 2:  # noqa: ASYNC110 - the broker sends no event
+                await asyncio.sleep(0.05)
+        base = f"http://127.0.0.1:{bound_port(daemon.http_runner)}"  # type: ignore[arg-type]
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as session,
+            session.get(f"{base}/admin/dlq/{queue}") as response,
+        ):
+            peek = await response.text()
+        dead = await amqp.take(f"dlq.{queue}", 2, timeout=30)
+    finally:
+        logs.reset()
+    codes = sorted(str(message.headers["x-formcraft-error-code"]) for message in dead)
+    assert codes == ["HTTP_STATUS", "VALIDATION_ERROR"]
+    assert "payload.secret[1]" in str([m.headers for m in dead])
+    written = "\n".join([stream.getvalue(), *(str(m.headers) for m in dead), peek])
+    assert "job " in stream.getvalue()
+    for secret in (*secrets, *invalid):
+        for part in (secret, secret.removeprefix("whsec_").removeprefix("whsk_")):
+            assert part not in written, f"{part[:6]}... leaked"

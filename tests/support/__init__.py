@@ -134,7 +134,7 @@ def webhook_job(
     url: str,
     *,
     body: Any = None,
-    secret: str = "whsec_dGVzdC1zZWNyZXQ=",
+    secret: str | list[str] = "whsec_dGVzdC1zZWNyZXQ=",
     form_id: str = "form-1",
     submission_id: str = "sub-1",
     **payload: Any,

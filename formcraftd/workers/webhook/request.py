@@ -81,23 +81,27 @@ class WebhookRequest:
     origin: str  # for reasons and logs: no userinfo, path or query
     headers: dict[str, str] = field(repr=False)
     body: bytes = field(repr=False)
-    secret: str = field(repr=False)
+    secret: str | list[str] = field(repr=False)
     payload_headers: dict[str, str] = field(repr=False)
 
     def sensitive(self) -> tuple[str, ...]:
         """What a receiver might echo back that must not leak through a snippet.
 
-        The secret (with and without `whsec_`), both signatures, every payload
-        header value of 8 characters or more, and what the URL carries besides
-        its origin and path: the userinfo (and the Basic credentials aiohttp
-        builds from it) and the query string and its values. Built only when a
-        response has a body to mask; longer ones are replaced first.
+        Each secret (with and without its `whsec_` or `whsk_` prefix), every
+        signature, every payload header value of 8 characters or more, and what
+        the URL carries besides its origin and path: the userinfo (and the Basic
+        credentials aiohttp builds from it) and the query string and its values.
+        Built only when a response has a body to mask; longer ones are replaced
+        first.
         """
         signatures = [
-            value.split(",", 1)[-1].removeprefix("sha256=")
+            signature.split(",", 1)[-1].removeprefix("sha256=")
             for name in _SIGNATURE_HEADERS
             if (value := self.headers.get(name)) is not None
+            for signature in value.split(" ")
         ]
+        secrets = [self.secret] if isinstance(self.secret, str) else self.secret
+        unprefixed = [s.removeprefix("whsec_").removeprefix("whsk_") for s in secrets]
         long_values = [v for v in self.payload_headers.values() if len(v) >= 8]
         url = self.url
         from_url: list[str] = []
@@ -108,5 +112,5 @@ class WebhookRequest:
         if url.raw_query_string:
             from_url += [url.raw_query_string, url.query_string]
             from_url += [value for value in url.query.values() if len(value) >= 4]
-        found = [self.secret, self.secret.removeprefix("whsec_"), *signatures, *long_values]
+        found = [*secrets, *unprefixed, *signatures, *long_values]
         return tuple(sorted((s for s in (*found, *from_url) if s), key=len, reverse=True))

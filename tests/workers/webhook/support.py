@@ -67,7 +67,7 @@ def job(
     url: str,
     *,
     body: Any = None,
-    secret: str = "",
+    secret: str | list[str] = "",
     headers: dict[str, str] | None = None,
     method: str = "POST",
 ) -> WebhookJob:
