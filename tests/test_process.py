@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -120,6 +121,23 @@ async def test_unreachable_broker_exits_3(tmp_path: Path, names: Names) -> None:
     output = (tmp_path / "out.log").read_text()
     assert "Traceback" not in output
     assert "not reachable" in output
+
+
+async def test_a_busy_http_port_is_one_line_and_exit_1(
+    tmp_path: Path, names: Names, amqp: Broker
+) -> None:
+    """`run` on a port another socket holds says so in one stderr line naming the address."""
+    amqp.track(make_config(names))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = int(holder.getsockname()[1])
+        config_file = write_config(tmp_path / "config.toml", names, port=port)
+        result = await asyncio.to_thread(run_cli, "run", "--config", str(config_file))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        f"formcraftd: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    )
 
 
 def test_check_config_rejects_an_unknown_key_in_one_line(tmp_path: Path) -> None:

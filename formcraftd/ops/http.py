@@ -10,6 +10,7 @@ is configured.
 from __future__ import annotations
 
 import hmac
+import os
 from importlib import resources
 from typing import Any, Protocol
 
@@ -21,6 +22,10 @@ from formcraftd.ops.metrics import CONTENT_TYPE
 
 class UnknownQueue(FormcraftError):
     """An admin request named a queue this daemon does not consume."""
+
+
+class CannotListen(FormcraftError):
+    """The HTTP server could not bind its address (in use, not local, no permission)."""
 
 
 class Control(Protocol):
@@ -171,16 +176,32 @@ def build_app(control: Control) -> web.Application:
 
 
 async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start serving `app` on host:port; the caller must `await runner.cleanup()`."""
+    """Start serving `app` on host:port; the caller must `await runner.cleanup()`.
+
+    A bind failure is :class:`CannotListen`, one line naming the address.
+    """
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {_address(host, port)}: {_reason(exc)}") from None
     except BaseException:
         await runner.cleanup()
         raise
     return runner
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(exc: OSError) -> str:
+    """`address already in use`, from the errno rather than the event loop's wording."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return reason[:1].lower() + reason[1:]
 
 
 def bound_port(runner: web.AppRunner) -> int:
