@@ -9,22 +9,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aio_pika
 import aiormq
+import msgspec
 import orjson
 
 from formcraftd import __version__
 from formcraftd.core import config, jobs
 from formcraftd.core.errors import BrokerUnreachable, ConfigError, FormcraftError, TopologyError
+from formcraftd.core.redaction import mask_url
 from formcraftd.ops import logs
 from formcraftd.workers.email import suppression
 
+if TYPE_CHECKING:
+    from formcraftd.amqp.connection import Broker
+
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
+ENQUEUE_TIMEOUT_S = 10.0
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {raw!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     enqueue = with_config(commands.add_parser("enqueue", help="publish a job from a JSON file"))
     enqueue.add_argument("file", metavar="FILE.json", help="the job ('-' reads stdin)")
+    enqueue.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=ENQUEUE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="give up (exit 3) when connecting, publishing and the broker's confirm "
+        f"take longer (default: {ENQUEUE_TIMEOUT_S:g})",
+    )
     dlq_cmd = with_config(commands.add_parser("dlq", help="dead-letter queue tools"))
     dlq_cmd.add_argument("action", choices=["list", "replay", "purge"])
     dlq_cmd.add_argument("queue", help="the main queue, e.g. webhook_tasks")
@@ -131,30 +157,66 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         return _fail(f"{args.file}: invalid job: {exc}")
     worker = cfg.worker(jobs.kind_of(job))
     job_id = uuid.uuid4().hex
-    asyncio.run(_publish(cfg, worker.queue, body, job_id))
+    _quiet_connection_logs()
+    asyncio.run(_publish(cfg, worker.queue, body, job_id, timeout_s=args.timeout))
     print(f"{job_id} -> {worker.queue}")
     return EXIT_OK
 
 
-async def _publish(cfg: config.Config, queue: str, body: bytes, job_id: str) -> None:
-    from formcraftd.amqp.connection import Broker
-    from formcraftd.amqp.topology import WorkerTopology
+def _quiet_connection_logs() -> None:
+    """Keep a short command's stderr to its one line: no per-attempt broker warnings.
 
-    broker = Broker(cfg.broker)
-    await broker.connect()
+    Without a handler, Python prints every WARNING of the connection loop on stderr.
+    """
+    for name in (logs.ROOT_LOGGER, "aio_pika", "aiormq"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+
+
+async def _publish(
+    cfg: config.Config, queue: str, body: bytes, job_id: str, *, timeout_s: float
+) -> None:
+    """Connect, declare, publish and wait for the confirm, all within `timeout_s`."""
+    from formcraftd.amqp.connection import Broker
+
+    broker_config = msgspec.structs.replace(
+        cfg.broker, connect_timeout_s=min(cfg.broker.connect_timeout_s, timeout_s)
+    )
+    broker = Broker(broker_config)
+    connected = False
     try:
-        kind = next(k for k in config.WORKER_KINDS if cfg.worker(k).queue == queue)
-        await broker.declare(WorkerTopology.build(cfg.worker(kind), cfg.broker))
-        channel = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=job_id,
-        )
-        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        async with asyncio.timeout(timeout_s):
+            await broker.connect()
+            connected = True
+            await _declare_and_publish(cfg, broker, queue, body, job_id)
+    except TimeoutError:
+        if not connected:
+            nodes = ", ".join(mask_url(u.strip()) for u in cfg.broker.url.split(",") if u.strip())
+            raise BrokerUnreachable(
+                f"broker not reachable within {timeout_s:g} s: {nodes}"
+            ) from None
+        raise BrokerUnreachable(
+            f"the broker did not confirm the job within {timeout_s:g} s; "
+            "it may or may not have been queued"
+        ) from None
     finally:
         await broker.aclose()
+
+
+async def _declare_and_publish(
+    cfg: config.Config, broker: Broker, queue: str, body: bytes, job_id: str
+) -> None:
+    from formcraftd.amqp.topology import WorkerTopology
+
+    kind = next(k for k in config.WORKER_KINDS if cfg.worker(k).queue == queue)
+    await broker.declare(WorkerTopology.build(cfg.worker(kind), cfg.broker))
+    channel = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
+    message = aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=job_id,
+    )
+    await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:

@@ -200,6 +200,26 @@ async def test_enqueue_publishes_a_validated_job(
     assert "invalid job" in bad.stderr
 
 
+def test_enqueue_gives_up_after_its_timeout_in_one_line(tmp_path: Path, names: Names) -> None:
+    """`enqueue --timeout 2` against a closed port exits 3 within the timeout, one stderr line."""
+    config_file = write_config(
+        tmp_path / "config.toml",
+        names,
+        port=free_port(),
+        url=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        connect_timeout_s=30,
+    )
+    job = tmp_path / "job.json"
+    job.write_bytes(webhook_job("https://example.invalid/hook"))
+    started = time.monotonic()
+    result = run_cli("enqueue", str(job), "--config", str(config_file), "--timeout", "2")
+    assert time.monotonic() - started < 2 + 3  # the timeout, plus starting Python
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("formcraftd: broker not reachable")
+    assert "guest:guest" not in result.stderr
+
+
 def test_suppression_command_adds_lists_and_removes(tmp_path: Path) -> None:
     """`formcraftd suppression add|list|remove` manage the list in state_dir."""
     config_file = tmp_path / "config.toml"
