@@ -255,25 +255,40 @@ async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -
 
 def cmd_events(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    _quiet_connection_logs()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_tail_events(cfg, args.filter, args.count))
     return EXIT_OK
 
 
 async def _tail_events(cfg: config.Config, pattern: str, count: int | None) -> None:
-    """Print events as they arrive, from a temporary exclusive queue bound to the exchange."""
+    """Print events as they arrive, from a temporary exclusive queue bound to the exchange.
+
+    With `[events] enabled = false` the exchange is only looked up, not
+    declared: when it exists (another daemon publishes to it) the tail goes on
+    with a note on stderr; when it does not, nothing ever will, and it says so.
+    """
     from formcraftd.amqp.connection import Broker
 
     broker = Broker(cfg.broker)
     await broker.connect()
     try:
         channel = await broker.connection.channel()
-        exchange = await channel.declare_exchange(
-            cfg.events.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        name = cfg.events.exchange
+        if cfg.events.enabled:
+            exchange = await channel.declare_exchange(
+                name, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+        else:
+            exchange = await _existing_events_exchange(channel, cfg)
+            print(
+                f"# delivery events are off in {cfg.source or 'the config'} ([events] enabled ="
+                f" false); tailing {name} anyway: it exists, another daemon may publish to it",
+                file=sys.stderr,
+            )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, routing_key=pattern)
-        print(f"# tailing {cfg.events.exchange} ({pattern}); Ctrl-C to stop", file=sys.stderr)
+        print(f"# tailing {name} ({pattern}); Ctrl-C to stop", file=sys.stderr)
         seen = 0
         async with queue.iterator() as messages:
             async for message in messages:
@@ -285,6 +300,20 @@ async def _tail_events(cfg: config.Config, pattern: str, count: int | None) -> N
                     break
     finally:
         await broker.aclose()
+
+
+async def _existing_events_exchange(
+    channel: aio_pika.abc.AbstractChannel, cfg: config.Config
+) -> aio_pika.abc.AbstractExchange:
+    """The events exchange if it exists; FormcraftError (events are off) if not."""
+    try:
+        return await channel.get_exchange(cfg.events.exchange, ensure=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise FormcraftError(
+            f"delivery events are off ([events] enabled = false in {cfg.source or 'the config'})"
+            f" and no daemon has declared {cfg.events.exchange}: set enabled = true under"
+            " [events] and restart the daemon to publish them"
+        ) from None
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
