@@ -223,7 +223,10 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     queues = {cfg.worker(kind).queue for kind in config.WORKER_KINDS}
     if args.queue not in queues:
-        return _fail(f"{args.queue} is not a configured queue ({', '.join(sorted(queues))})")
+        from formcraftd.amqp.topology import main_queue_hint
+
+        hint = main_queue_hint(args.queue, sorted(queues)) or f" ({', '.join(sorted(queues))})"
+        return _fail(f"{args.queue} is not a configured queue{hint}")
     if args.limit is not None and args.limit < 1:
         return _fail("--limit must be at least 1", EXIT_USAGE)
     result = asyncio.run(_dlq(cfg, args.action, args.queue, args.limit))

@@ -178,6 +178,42 @@ async def test_admin_api_is_disabled_without_a_configured_token(
     assert "admin_token" in body["error"]
 
 
+async def test_admin_errors_are_json_bodies(
+    names: Names, amqp: Broker, start_daemon: DaemonFactory
+) -> None:
+    """A wrong method, an unknown route or a bad query under /admin answers JSON, Allow kept."""
+    cfg = make_config(names, http={"admin_token": TOKEN})
+    daemon = await start_daemon(cfg)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.get(f"{base_url(daemon)}/admin/reload") as response,
+    ):
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        assert await response.json() == {
+            "error": "GET is not allowed on /admin/reload; allowed: POST"
+        }
+    status, body = await call("GET", f"{base_url(daemon)}/admin/nope")
+    assert (status, body) == (404, {"error": "no admin endpoint /admin/nope"})
+    queue = cfg.workers.webhook.queue
+    status, body = await call("GET", f"{base_url(daemon)}/admin/dlq/{queue}?limit=x")
+    assert (status, body) == (400, {"error": "limit must be a whole number"})
+    assert (await call("GET", f"{base_url(daemon)}/admin/nope", token=None))[0] == 401
+
+
+async def test_a_dead_letter_queue_name_for_a_queue_gets_a_hint(
+    names: Names, amqp: Broker, start_daemon: DaemonFactory
+) -> None:
+    """/admin/dlq/dlq.<queue> is 404 saying to use the main queue's name."""
+    cfg = make_config(names, http={"admin_token": TOKEN})
+    daemon = await start_daemon(cfg)
+    queue = cfg.workers.webhook.queue
+    status, body = await call("GET", f"{base_url(daemon)}/admin/dlq/dlq.{queue}")
+    assert status == 404
+    assert body["error"].endswith(f"; use the main queue name: {queue}")
+
+
 async def test_dlq_peek_masks_secrets_and_replay_redelivers_with_tries_reset(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
