@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     dlq_cmd.add_argument(
         "--limit", type=int, default=None, metavar="N", help="at most N messages (list: default 10)"
     )
+    dlq_cmd.add_argument(
+        "--yes",
+        action="store_true",
+        help="purge without asking (needed for purge when stdin is not a terminal)",
+    )
     events_cmd = with_config(commands.add_parser("events", help="delivery events"))
     events_cmd.add_argument("action", choices=["tail"])
     events_cmd.add_argument(
@@ -229,9 +234,32 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return _fail(f"{args.queue} is not a configured queue{hint}")
     if args.limit is not None and args.limit < 1:
         return _fail("--limit must be at least 1", EXIT_USAGE)
+    if args.action == "purge" and not args.yes:
+        if not sys.stdin.isatty():
+            return _fail(
+                f"dlq purge deletes every dead letter of {args.queue}: "
+                "add --yes to confirm (stdin is not a terminal to ask on)",
+                EXIT_USAGE,
+            )
+        if not _confirmed_purge(args.queue):
+            return _fail("nothing purged")
+    _quiet_connection_logs()
     result = asyncio.run(_dlq(cfg, args.action, args.queue, args.limit))
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK
+
+
+def _confirmed_purge(queue: str) -> bool:
+    """Ask on the terminal; the queue's name or y confirms, anything else declines."""
+    from formcraftd.amqp.topology import dead_letter_queue_name
+
+    sys.stderr.write(
+        f"Delete every dead letter of {queue} ({dead_letter_queue_name(queue)})? "
+        f"Type {queue} or y to confirm: "
+    )
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip()
+    return answer in (queue, "y", "yes")
 
 
 async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -> object:
