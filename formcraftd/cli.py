@@ -1,7 +1,8 @@
 """The `formcraftd` command line.
 
-Exit codes: 0 ok, 1 bad config or input (one line on stderr), 2 usage error,
-3 broker unreachable at start.
+Exit codes: 0 ok, 1 bad config or input (one line on stderr), 2 usage error
+(including `dlq purge` without `--yes` and no terminal to ask on), 3 broker
+unreachable at start (or within `enqueue --timeout`).
 """
 
 from __future__ import annotations
