@@ -1,7 +1,8 @@
 """The `formcraftd` command line.
 
-Exit codes: 0 ok, 1 bad config or input (one line on stderr), 2 usage error,
-3 broker unreachable at start.
+Exit codes: 0 ok, 1 bad config or input (one line on stderr), 2 usage error
+(including `dlq purge` without `--yes` and no terminal to ask on), 3 broker
+unreachable at start (or within `enqueue --timeout`).
 """
 
 from __future__ import annotations
@@ -9,22 +10,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aio_pika
 import aiormq
+import msgspec
 import orjson
 
 from formcraftd import __version__
 from formcraftd.core import config, jobs
 from formcraftd.core.errors import BrokerUnreachable, ConfigError, FormcraftError, TopologyError
+from formcraftd.core.redaction import mask_url
 from formcraftd.ops import logs
 from formcraftd.workers.email import suppression
 
+if TYPE_CHECKING:
+    from formcraftd.amqp.connection import Broker
+
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
+ENQUEUE_TIMEOUT_S = 10.0
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {raw!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,11 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     enqueue = with_config(commands.add_parser("enqueue", help="publish a job from a JSON file"))
     enqueue.add_argument("file", metavar="FILE.json", help="the job ('-' reads stdin)")
+    enqueue.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=ENQUEUE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="give up (exit 3) when connecting, publishing and the broker's confirm "
+        f"take longer (default: {ENQUEUE_TIMEOUT_S:g})",
+    )
     dlq_cmd = with_config(commands.add_parser("dlq", help="dead-letter queue tools"))
     dlq_cmd.add_argument("action", choices=["list", "replay", "purge"])
     dlq_cmd.add_argument("queue", help="the main queue, e.g. webhook_tasks")
     dlq_cmd.add_argument(
         "--limit", type=int, default=None, metavar="N", help="at most N messages (list: default 10)"
+    )
+    dlq_cmd.add_argument(
+        "--yes",
+        action="store_true",
+        help="purge without asking (needed for purge when stdin is not a terminal)",
     )
     events_cmd = with_config(commands.add_parser("events", help="delivery events"))
     events_cmd.add_argument("action", choices=["tail"])
@@ -131,42 +163,104 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         return _fail(f"{args.file}: invalid job: {exc}")
     worker = cfg.worker(jobs.kind_of(job))
     job_id = uuid.uuid4().hex
-    asyncio.run(_publish(cfg, worker.queue, body, job_id))
+    _quiet_connection_logs()
+    asyncio.run(_publish(cfg, worker.queue, body, job_id, timeout_s=args.timeout))
     print(f"{job_id} -> {worker.queue}")
     return EXIT_OK
 
 
-async def _publish(cfg: config.Config, queue: str, body: bytes, job_id: str) -> None:
-    from formcraftd.amqp.connection import Broker
-    from formcraftd.amqp.topology import WorkerTopology
+def _quiet_connection_logs() -> None:
+    """Keep a short command's stderr to its one line: no per-attempt broker warnings.
 
-    broker = Broker(cfg.broker)
-    await broker.connect()
+    Without a handler, Python prints every WARNING of the connection loop on stderr.
+    """
+    for name in (logs.ROOT_LOGGER, "aio_pika", "aiormq"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+
+
+async def _publish(
+    cfg: config.Config, queue: str, body: bytes, job_id: str, *, timeout_s: float
+) -> None:
+    """Connect, declare, publish and wait for the confirm, all within `timeout_s`."""
+    from formcraftd.amqp.connection import Broker
+
+    broker_config = msgspec.structs.replace(
+        cfg.broker, connect_timeout_s=min(cfg.broker.connect_timeout_s, timeout_s)
+    )
+    broker = Broker(broker_config)
+    connected = False
     try:
-        kind = next(k for k in config.WORKER_KINDS if cfg.worker(k).queue == queue)
-        await broker.declare(WorkerTopology.build(cfg.worker(kind), cfg.broker))
-        channel = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=job_id,
-        )
-        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        async with asyncio.timeout(timeout_s):
+            await broker.connect()
+            connected = True
+            await _declare_and_publish(cfg, broker, queue, body, job_id)
+    except TimeoutError:
+        if not connected:
+            nodes = ", ".join(mask_url(u.strip()) for u in cfg.broker.url.split(",") if u.strip())
+            raise BrokerUnreachable(
+                f"broker not reachable within {timeout_s:g} s: {nodes}"
+            ) from None
+        raise BrokerUnreachable(
+            f"the broker did not confirm the job within {timeout_s:g} s; "
+            "it may or may not have been queued"
+        ) from None
     finally:
         await broker.aclose()
+
+
+async def _declare_and_publish(
+    cfg: config.Config, broker: Broker, queue: str, body: bytes, job_id: str
+) -> None:
+    from formcraftd.amqp.topology import WorkerTopology
+
+    kind = next(k for k in config.WORKER_KINDS if cfg.worker(k).queue == queue)
+    await broker.declare(WorkerTopology.build(cfg.worker(kind), cfg.broker))
+    channel = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
+    message = aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=job_id,
+    )
+    await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     queues = {cfg.worker(kind).queue for kind in config.WORKER_KINDS}
     if args.queue not in queues:
-        return _fail(f"{args.queue} is not a configured queue ({', '.join(sorted(queues))})")
+        from formcraftd.amqp.topology import main_queue_hint
+
+        hint = main_queue_hint(args.queue, sorted(queues)) or f" ({', '.join(sorted(queues))})"
+        return _fail(f"{args.queue} is not a configured queue{hint}")
     if args.limit is not None and args.limit < 1:
         return _fail("--limit must be at least 1", EXIT_USAGE)
+    if args.action == "purge" and not args.yes:
+        if not sys.stdin.isatty():
+            return _fail(
+                f"dlq purge deletes every dead letter of {args.queue}: "
+                "add --yes to confirm (stdin is not a terminal to ask on)",
+                EXIT_USAGE,
+            )
+        if not _confirmed_purge(args.queue):
+            return _fail("nothing purged")
+    _quiet_connection_logs()
     result = asyncio.run(_dlq(cfg, args.action, args.queue, args.limit))
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK
+
+
+def _confirmed_purge(queue: str) -> bool:
+    """Ask on the terminal; the queue's name or y confirms, anything else declines."""
+    from formcraftd.amqp.topology import dead_letter_queue_name
+
+    sys.stderr.write(
+        f"Delete every dead letter of {queue} ({dead_letter_queue_name(queue)})? "
+        f"Type {queue} or y to confirm: "
+    )
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip()
+    return answer in (queue, "y", "yes")
 
 
 async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -> object:
@@ -193,25 +287,40 @@ async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -
 
 def cmd_events(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    _quiet_connection_logs()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_tail_events(cfg, args.filter, args.count))
     return EXIT_OK
 
 
 async def _tail_events(cfg: config.Config, pattern: str, count: int | None) -> None:
-    """Print events as they arrive, from a temporary exclusive queue bound to the exchange."""
+    """Print events as they arrive, from a temporary exclusive queue bound to the exchange.
+
+    With `[events] enabled = false` the exchange is only looked up, not
+    declared: when it exists (another daemon publishes to it) the tail goes on
+    with a note on stderr; when it does not, nothing ever will, and it says so.
+    """
     from formcraftd.amqp.connection import Broker
 
     broker = Broker(cfg.broker)
     await broker.connect()
     try:
         channel = await broker.connection.channel()
-        exchange = await channel.declare_exchange(
-            cfg.events.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        name = cfg.events.exchange
+        if cfg.events.enabled:
+            exchange = await channel.declare_exchange(
+                name, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+        else:
+            exchange = await _existing_events_exchange(channel, cfg)
+            print(
+                f"# delivery events are off in {cfg.source or 'the config'} ([events] enabled ="
+                f" false); tailing {name} anyway: it exists, another daemon may publish to it",
+                file=sys.stderr,
+            )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, routing_key=pattern)
-        print(f"# tailing {cfg.events.exchange} ({pattern}); Ctrl-C to stop", file=sys.stderr)
+        print(f"# tailing {name} ({pattern}); Ctrl-C to stop", file=sys.stderr)
         seen = 0
         async with queue.iterator() as messages:
             async for message in messages:
@@ -223,6 +332,20 @@ async def _tail_events(cfg: config.Config, pattern: str, count: int | None) -> N
                     break
     finally:
         await broker.aclose()
+
+
+async def _existing_events_exchange(
+    channel: aio_pika.abc.AbstractChannel, cfg: config.Config
+) -> aio_pika.abc.AbstractExchange:
+    """The events exchange if it exists; FormcraftError (events are off) if not."""
+    try:
+        return await channel.get_exchange(cfg.events.exchange, ensure=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise FormcraftError(
+            f"delivery events are off ([events] enabled = false in {cfg.source or 'the config'})"
+            f" and no daemon has declared {cfg.events.exchange}: set enabled = true under"
+            " [events] and restart the daemon to publish them"
+        ) from None
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from formcraftd.amqp import dead_letters
 from formcraftd.amqp.connection import Broker
 from formcraftd.amqp.consumer import Consumer
 from formcraftd.amqp.events import EventPublisher
-from formcraftd.amqp.topology import WorkerTopology
+from formcraftd.amqp.topology import WorkerTopology, main_queue_hint
 from formcraftd.core.breakers import BreakerRegistry
 from formcraftd.core.config import AnyWorkerConfig, Config, WorkerKind
 from formcraftd.core.errors import ConfigError
@@ -433,7 +433,8 @@ class Daemon:
     def _consumer(self, queue: str) -> Consumer:
         consumer = self.consumers.get(queue)
         if consumer is None:
-            raise UnknownQueue(f"no consumer for queue {queue!r}")
+            hint = main_queue_hint(queue, self.consumers)
+            raise UnknownQueue(f"no consumer for queue {queue!r}{hint}")
         return consumer
 
     async def pause(self, queue: str) -> dict[str, Any]:

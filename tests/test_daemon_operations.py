@@ -20,7 +20,15 @@ from formcraftd.ops.http import bound_port
 from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
-from tests.support.process import free_port, run_cli, spawn, wait_exit, wait_healthy, write_config
+from tests.support.process import (
+    free_port,
+    run_cli,
+    run_cli_on_terminal,
+    spawn,
+    wait_exit,
+    wait_healthy,
+    write_config,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -178,6 +186,42 @@ async def test_admin_api_is_disabled_without_a_configured_token(
     assert "admin_token" in body["error"]
 
 
+async def test_admin_errors_are_json_bodies(
+    names: Names, amqp: Broker, start_daemon: DaemonFactory
+) -> None:
+    """A wrong method, an unknown route or a bad query under /admin answers JSON, Allow kept."""
+    cfg = make_config(names, http={"admin_token": TOKEN})
+    daemon = await start_daemon(cfg)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.get(f"{base_url(daemon)}/admin/reload") as response,
+    ):
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        assert await response.json() == {
+            "error": "GET is not allowed on /admin/reload; allowed: POST"
+        }
+    status, body = await call("GET", f"{base_url(daemon)}/admin/nope")
+    assert (status, body) == (404, {"error": "no admin endpoint /admin/nope"})
+    queue = cfg.workers.webhook.queue
+    status, body = await call("GET", f"{base_url(daemon)}/admin/dlq/{queue}?limit=x")
+    assert (status, body) == (400, {"error": "limit must be a whole number"})
+    assert (await call("GET", f"{base_url(daemon)}/admin/nope", token=None))[0] == 401
+
+
+async def test_a_dead_letter_queue_name_for_a_queue_gets_a_hint(
+    names: Names, amqp: Broker, start_daemon: DaemonFactory
+) -> None:
+    """/admin/dlq/dlq.<queue> is 404 saying to use the main queue's name."""
+    cfg = make_config(names, http={"admin_token": TOKEN})
+    daemon = await start_daemon(cfg)
+    queue = cfg.workers.webhook.queue
+    status, body = await call("GET", f"{base_url(daemon)}/admin/dlq/dlq.{queue}")
+    assert status == 404
+    assert body["error"].endswith(f"; use the main queue name: {queue}")
+
+
 async def test_dlq_peek_masks_secrets_and_replay_redelivers_with_tries_reset(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
@@ -243,11 +287,54 @@ async def test_dlq_command_lists_replays_and_purges(
     assert json.loads(replay.stdout)["replayed"] == 1
     await receiver.wait_for(4)
     await _until_depth(amqp, f"dlq.{queue}", 3)  # the replayed one failed again
-    purge = await asyncio.to_thread(run_cli, "dlq", "purge", queue, "--config", str(config_file))
+    purge = await asyncio.to_thread(
+        run_cli, "dlq", "purge", queue, "--yes", "--config", str(config_file)
+    )
     assert json.loads(purge.stdout)["purged"] == 3
     assert await amqp.depth(f"dlq.{queue}") == 0
     unknown = await asyncio.to_thread(run_cli, "dlq", "list", "nope", "--config", str(config_file))
     assert unknown.returncode == 1
+    a_dlq = await asyncio.to_thread(
+        run_cli, "dlq", "list", f"dlq.{queue}", "--config", str(config_file)
+    )
+    assert a_dlq.returncode == 1
+    assert a_dlq.stderr.endswith(f"; use the main queue name: {queue}\n")
+
+
+async def test_dlq_purge_asks_first_and_refuses_without_a_terminal(
+    tmp_path: Path,
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+) -> None:
+    """`dlq purge` without --yes: exit 2 when stdin is no terminal, else it asks for the name."""
+
+    async def missing(_request: web.Request, _n: int) -> web.StreamResponse:
+        return web.Response(status=404)
+
+    receiver = await receiver_factory(missing)
+    cfg = make_config(names)
+    await start_daemon(cfg)
+    queue = cfg.workers.webhook.queue
+    await amqp.publish(queue, webhook_job(receiver.url))
+    await _until_depth(amqp, f"dlq.{queue}", 1)
+    config_file = str(write_config(tmp_path / "config.toml", names, port=free_port()))
+    refused = await asyncio.to_thread(run_cli, "dlq", "purge", queue, "--config", config_file)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "--yes" in refused.stderr
+    declined = await asyncio.to_thread(
+        run_cli_on_terminal, "dlq", "purge", queue, "--config", config_file, answer="n"
+    )
+    assert declined.returncode == 1, declined.stderr
+    assert declined.stderr.endswith("formcraftd: nothing purged\n")
+    assert await amqp.depth(f"dlq.{queue}") == 1
+    confirmed = await asyncio.to_thread(
+        run_cli_on_terminal, "dlq", "purge", queue, "--config", config_file, answer=queue
+    )
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert json.loads(confirmed.stdout)["purged"] == 1
+    assert await amqp.depth(f"dlq.{queue}") == 0
 
 
 async def test_pause_and_resume_a_queue(

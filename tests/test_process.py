@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -122,6 +123,23 @@ async def test_unreachable_broker_exits_3(tmp_path: Path, names: Names) -> None:
     assert "not reachable" in output
 
 
+async def test_a_busy_http_port_is_one_line_and_exit_1(
+    tmp_path: Path, names: Names, amqp: Broker
+) -> None:
+    """`run` on a port another socket holds says so in one stderr line naming the address."""
+    amqp.track(make_config(names))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = int(holder.getsockname()[1])
+        config_file = write_config(tmp_path / "config.toml", names, port=port)
+        result = await asyncio.to_thread(run_cli, "run", "--config", str(config_file))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        f"formcraftd: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    )
+
+
 def test_check_config_rejects_an_unknown_key_in_one_line(tmp_path: Path) -> None:
     """A typo in config.toml is exit 1 with one stderr line naming the key and file."""
     path = tmp_path / "config.toml"
@@ -180,6 +198,26 @@ async def test_enqueue_publishes_a_validated_job(
     bad = await asyncio.to_thread(run_cli, "enqueue", str(job), "--config", str(config_file))
     assert bad.returncode == 1
     assert "invalid job" in bad.stderr
+
+
+def test_enqueue_gives_up_after_its_timeout_in_one_line(tmp_path: Path, names: Names) -> None:
+    """`enqueue --timeout 2` against a closed port exits 3 within the timeout, one stderr line."""
+    config_file = write_config(
+        tmp_path / "config.toml",
+        names,
+        port=free_port(),
+        url=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        connect_timeout_s=30,
+    )
+    job = tmp_path / "job.json"
+    job.write_bytes(webhook_job("https://example.invalid/hook"))
+    started = time.monotonic()
+    result = run_cli("enqueue", str(job), "--config", str(config_file), "--timeout", "2")
+    assert time.monotonic() - started < 2 + 3  # the timeout, plus starting Python
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("formcraftd: broker not reachable")
+    assert "guest:guest" not in result.stderr
 
 
 def test_suppression_command_adds_lists_and_removes(tmp_path: Path) -> None:

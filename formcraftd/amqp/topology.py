@@ -9,6 +9,7 @@ clashes with an existing entity is a :class:`TopologyError` naming the entity.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,14 @@ def retry_queue_name(queue: str, delay_ms: int) -> str:
 def dead_letter_queue_name(queue: str) -> str:
     """The name of the dead-letter queue of main queue `queue`."""
     return f"dlq.{queue}"
+
+
+def main_queue_hint(name: str, main_queues: Iterable[str]) -> str:
+    """`; use the main queue name: X` when `name` is the DLQ or a wait queue of X, else ""."""
+    for queue in main_queues:
+        if name == dead_letter_queue_name(queue) or name.startswith(f"{queue}.retry."):
+            return f"; use the main queue name: {queue}"
+    return ""
 
 
 Arguments = dict[str, Any]

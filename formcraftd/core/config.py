@@ -9,6 +9,7 @@ a bad file changes nothing because nothing is swapped until it validated.
 from __future__ import annotations
 
 import copy
+import difflib
 import ipaddress
 import json
 import os
@@ -16,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import msgspec
@@ -296,7 +297,7 @@ def _explain(error: msgspec.ValidationError, source: str, environ: Mapping[str, 
     if unknown:
         at = _dotted(unknown.group("at") or "")
         key = f"{at}.{unknown.group('field')}" if at else unknown.group("field")
-        return f"{source}: unknown key {key}"
+        return f"{source}: unknown key {key}{_did_you_mean(at, unknown.group('field'))}"
     at_match = _AT.search(text)
     if at_match:
         key = _dotted(at_match.group("at"))
@@ -308,8 +309,47 @@ def _explain(error: msgspec.ValidationError, source: str, environ: Mapping[str, 
             ),
             "",
         )
-        return f"{source}: key {key}{origin}: {text[: at_match.start()]}"
+        reason = text[: at_match.start()]
+        if reason.startswith("Invalid enum value"):
+            allowed = _literal_values(_type_at(key))
+            if allowed:
+                reason += f" (expected one of: {', '.join(allowed)})"
+        return f"{source}: key {key}{origin}: {reason}"
     return f"{source}: {text}"
+
+
+def _type_at(key: str) -> Any:
+    """The annotation of the config key `key` (dotted), or None when there is none."""
+    kind: Any = Config
+    for part in key.split("."):
+        if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+            return None
+        fields = {field.name: field.type for field in msgspec.structs.fields(kind)}
+        if part not in fields or (kind is Config and part == "source"):
+            return None
+        kind = fields[part]
+    return kind
+
+
+def _literal_values(kind: Any) -> list[str]:
+    """The values a Literal type allows (looking inside Annotated and unions)."""
+    if get_origin(kind) is Literal:
+        return [str(value) for value in get_args(kind)]
+    return [value for arg in get_args(kind) for value in _literal_values(arg)]
+
+
+def _did_you_mean(table: str, key: str) -> str:
+    """` (did you mean http.port?)` when `key` is close to a key of `table`, else ""."""
+    if not table and key in WORKER_KINDS:
+        return f" (did you mean workers.{key}?)"
+    kind = _type_at(table) if table else Config
+    if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+        return ""
+    known = [field.name for field in msgspec.structs.fields(kind) if field.name != "source"]
+    matches = difflib.get_close_matches(key, known, n=1)
+    if not matches:
+        return ""
+    return f" (did you mean {f'{table}.' if table else ''}{matches[0]}?)"
 
 
 def _merge_worker_retry(doc: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ is configured.
 from __future__ import annotations
 
 import hmac
+import os
 from importlib import resources
 from typing import Any, Protocol
 
@@ -21,6 +22,10 @@ from formcraftd.ops.metrics import CONTENT_TYPE
 
 class UnknownQueue(FormcraftError):
     """An admin request named a queue this daemon does not consume."""
+
+
+class CannotListen(FormcraftError):
+    """The HTTP server could not bind its address (in use, not local, no permission)."""
 
 
 class Control(Protocol):
@@ -73,7 +78,11 @@ def _limit(request: web.Request, default: int | None) -> int | None:
 
 @web.middleware
 async def admin_auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Guard `/admin/*` with the bearer token; constant-time comparison."""
+    """Guard `/admin/*` with the bearer token; constant-time comparison.
+
+    Every error under `/admin` is a JSON `{"error": ...}` body, aiohttp's own
+    404, 405 (its Allow header kept) and 400 included.
+    """
     if request.path.startswith("/admin/") or request.path == "/admin":
         token = _control(request).admin_token()
         if not token:
@@ -89,11 +98,32 @@ async def admin_auth(request: web.Request, handler: Any) -> web.StreamResponse:
             )
         if not hmac.compare_digest(given[len("Bearer ") :].encode(), token.encode()):
             return web.json_response({"error": "wrong token"}, status=403)
-    try:
-        response: web.StreamResponse = await handler(request)
-    except UnknownQueue as exc:
-        return web.json_response({"error": str(exc)}, status=404)
-    return response
+        try:
+            response: web.StreamResponse = await handler(request)
+        except UnknownQueue as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _json_error(request, exc)
+        return response
+    served: web.StreamResponse = await handler(request)
+    return served
+
+
+def _json_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's plain-text error as the admin API's JSON body, same status and Allow."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    elif exc.text and exc.text != f"{exc.status}: {exc.reason}":  # a message of ours
+        message = exc.text
+    elif isinstance(exc, web.HTTPNotFound):
+        message = f"no admin endpoint {request.path}"
+    else:
+        message = exc.reason
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return web.json_response({"error": message}, status=exc.status, headers=headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -171,16 +201,32 @@ def build_app(control: Control) -> web.Application:
 
 
 async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start serving `app` on host:port; the caller must `await runner.cleanup()`."""
+    """Start serving `app` on host:port; the caller must `await runner.cleanup()`.
+
+    A bind failure is :class:`CannotListen`, one line naming the address.
+    """
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(f"cannot listen on {_address(host, port)}: {_reason(exc)}") from None
     except BaseException:
         await runner.cleanup()
         raise
     return runner
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(exc: OSError) -> str:
+    """`address already in use`, from the errno rather than the event loop's wording."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return reason[:1].lower() + reason[1:]
 
 
 def bound_port(runner: web.AppRunner) -> int:

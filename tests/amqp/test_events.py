@@ -315,6 +315,56 @@ async def test_events_tail_prints_events_as_they_arrive(
     assert (event["kind"], event["outcome"], event["form_id"]) == ("webhook", "succeeded", "tail")
 
 
+def test_events_tail_with_events_off_and_no_exchange_says_so_and_exits_1(
+    tmp_path: Path, names: Names
+) -> None:
+    """`events tail` with `[events] enabled = false` and no exchange: one line, exit 1."""
+    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
+    with config_file.open("a") as file:
+        file.write(f'[events]\nenabled = false\nexchange = "{names.prefix}.events"\n')
+    result = run_cli("events", "tail", "--config", str(config_file))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "delivery events are off" in result.stderr
+    assert "set enabled = true under [events]" in result.stderr
+
+
+async def test_events_tail_with_events_off_tails_an_exchange_that_exists(
+    tmp_path: Path, names: Names, amqp: Broker
+) -> None:
+    """With events off but the exchange declared by another daemon, tail goes on and says so."""
+    channel = await amqp.connection.channel(publisher_confirms=True, on_return_raises=True)
+    exchange = await channel.declare_exchange(
+        f"{names.prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
+    with config_file.open("a") as file:
+        file.write(f'[events]\nenabled = false\nexchange = "{names.prefix}.events"\n')
+    try:
+        tail = asyncio.create_task(
+            asyncio.to_thread(
+                run_cli, "events", "tail", "--count", "1", "--config", str(config_file)
+            )
+        )
+        deadline = time.monotonic() + 20
+        while True:  # returned as unroutable until the tail's queue is bound
+            try:
+                await exchange.publish(
+                    aio_pika.Message(b'{"kind": "webhook"}'), "webhook.succeeded", mandatory=True
+                )
+                break
+            except aio_pika.exceptions.DeliveryError:
+                assert time.monotonic() < deadline, "the tail never bound its queue"
+                await asyncio.sleep(0.1)
+        result = await asyncio.wait_for(tail, 30)
+    finally:
+        await channel.exchange_delete(f"{names.prefix}.events")
+        await channel.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == '{"kind": "webhook"}\n'
+    assert "delivery events are off" in result.stderr
+
+
 async def test_a_burst_of_jobs_loses_no_event(
     names: Names,
     amqp: Broker,

@@ -297,7 +297,49 @@ def test_default_path_follows_formcraftd_config() -> None:
 def test_unknown_key_is_one_line_naming_key_and_file(tmp_path: Path, text: str, key: str) -> None:
     """An unknown key anywhere is a one-line ConfigError naming the dotted key and the file."""
     message = config_error(tmp_path, text)
-    assert message == f"{tmp_path / 'config.toml'}: unknown key {key}"
+    assert re.fullmatch(
+        re.escape(f"{tmp_path / 'config.toml'}: unknown key {key}") + r"( \(did you mean \S+\?\))?",
+        message,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("[http]\nprot = 1\n", " (did you mean http.port?)"),
+        ("[brokers]\nurl = 'amqp://x/'\n", " (did you mean broker?)"),
+        ("[workers.webhook]\nconcurency = 5\n", " (did you mean workers.webhook.concurrency?)"),
+        ("[workers.webhok]\nenabled = true\n", " (did you mean workers.webhook?)"),
+        (
+            "[workers.email.retry]\nbackof = 'linear'\n",
+            " (did you mean workers.email.retry.backoff?)",
+        ),
+        ("[sheets]\nenabled = true\n", " (did you mean workers.sheets?)"),
+        ("colour = 1\n", ""),
+        ("[retry]\ntries = 2\n", ""),
+    ],
+)
+def test_an_unknown_key_close_to_a_known_one_gets_a_suggestion(
+    tmp_path: Path, text: str, hint: str
+) -> None:
+    """A typo is answered with the closest key of the same table; nothing close, no hint."""
+    message = config_error(tmp_path, text)
+    assert message.endswith(hint)
+    assert ("did you mean" in message) == bool(hint)
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ("[logging]\nlevel = 'verbose'\n", "debug, info, warning, error"),
+        ("[broker]\nqueue_type = 'mirrored'\n", "classic, quorum"),
+        ("[workers.email]\nsmtp_security = 'ssl'\n", "none, starttls, tls"),
+        ("[workers.sheets.retry]\nbackoff = 'cubic'\n", "exponential, linear"),
+    ],
+)
+def test_a_wrong_choice_lists_the_allowed_values(tmp_path: Path, text: str, allowed: str) -> None:
+    """A value outside a fixed set of choices is answered with the choices."""
+    assert config_error(tmp_path, text).endswith(f" (expected one of: {allowed})")
 
 
 @pytest.mark.parametrize(

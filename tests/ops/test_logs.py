@@ -250,6 +250,20 @@ def test_debug_for_every_worker(stream: io.StringIO) -> None:
     assert not logging.getLogger("aiormq").isEnabledFor(logging.DEBUG)
 
 
+def test_a_typo_in_debug_is_a_warning_naming_it_and_the_valid_names(
+    stream: io.StringIO,
+) -> None:
+    """DEBUG=workers:webhok logs one warning naming the unknown name and the valid ones."""
+    logging_config = config.parse("", environ={"DEBUG": "workers:webhok,workers:email"}).logging
+    logs.configure(logging_config, stream=stream)
+    [line] = lines(stream)
+    assert line["level"] == "warning"
+    assert line["msg"] == (
+        "DEBUG: unknown name workers:webhok turns nothing on; valid: "
+        "workers:webhook, workers:email, workers:sheets, workers:*"
+    )
+
+
 def test_reconfigure_turns_worker_debug_off_again(stream: io.StringIO) -> None:
     """A reload without DEBUG puts formcraftd.webhook back to the configured level."""
     logs.configure(LoggingConfig(debug_workers=("webhook",)), stream=stream)

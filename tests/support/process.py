@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -94,12 +95,37 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
     return process.returncode
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run the command line to its end; stdin is `stdin` through a pipe (never a terminal)."""
     return subprocess.run(
         [sys.executable, "-m", "formcraftd", *args],
         capture_output=True,
+        input=stdin,
         text=True,
         timeout=60,
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+def run_cli_on_terminal(*args: str, answer: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line with a terminal (a pty) as stdin, typing `answer` and Enter."""
+    controller, terminal = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "formcraftd", *args],
+            stdin=terminal,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(terminal)
+        os.write(controller, answer.encode() + b"\n")  # the terminal holds the line until read
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(terminal)
+        os.close(controller)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from typing import Final, TextIO
 
-from formcraftd.core.config import LoggingConfig, logging_dict_config
+from formcraftd.core.config import WORKER_KINDS, LoggingConfig, logging_dict_config
 from formcraftd.core.errors import ConfigError
 from formcraftd.core.text import one_line
 from formcraftd.ops import tracking
@@ -103,6 +103,17 @@ def configure(config: LoggingConfig, *, stream: TextIO | None = None) -> None:
 
     if config.sentry_dsn:
         tracking.start(config.sentry_dsn)
+    _warn_unknown_debug_workers(config.debug_workers)
+
+
+def _warn_unknown_debug_workers(kinds: Iterable[str]) -> None:
+    """One warning line per name in DEBUG=workers:<name> that is no worker (a typo)."""
+    valid = ", ".join(f"workers:{kind}" for kind in (*WORKER_KINDS, "*"))
+    for kind in kinds:
+        if kind != "*" and kind not in WORKER_KINDS:
+            logging.getLogger(ROOT_LOGGER).warning(
+                "DEBUG: unknown name workers:%s turns nothing on; valid: %s", kind[:100], valid
+            )
 
 
 def apply_config_file(path: str) -> None:

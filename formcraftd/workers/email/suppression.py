@@ -306,7 +306,9 @@ def run_cli(args: argparse.Namespace, config: Config) -> int:
 def _run_action(args: argparse.Namespace, store: SuppressionStore) -> int:
     action = args.suppression_action
     if action == "list":
+        listed = 0
         for entry in store.entries():
+            listed += 1
             if args.json:
                 line = orjson.dumps(entry).decode()
             else:
@@ -315,6 +317,8 @@ def _run_action(args: argparse.Namespace, store: SuppressionStore) -> int:
                     (entry.address, entry.added_at, status, entry.source, entry.reason)
                 )
             sys.stdout.write(line + "\n")
+        if not listed:  # on stderr: stdout stays one address per line, for scripts
+            print(f"no suppressed addresses in {store.path}", file=sys.stderr)
         return 0
     if action == "add":
         added = store.add(args.address, reason=args.reason, status=None, source="cli")

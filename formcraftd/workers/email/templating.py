@@ -115,7 +115,7 @@ class TemplateRenderer:
         """
         deadline = time.monotonic() + self.timeout_s
         context = self._context(data, form_id=form_id, submission_id=submission_id)
-        rendered_subject = self._render_subject(subject, context)
+        rendered_subject = self._render_subject(subject, context, template)
         context = {**context, "subject": rendered_subject}
         try:
             compiled = self._compiled(template)
@@ -141,21 +141,30 @@ class TemplateRenderer:
         context.update(data=data, form_id=form_id, submission_id=submission_id)
         return context
 
-    def _render_subject(self, source: str, context: dict[str, Any]) -> str:
+    def _render_subject(self, source: str, context: dict[str, Any], template: str) -> str:
+        """The rendered subject; a failure names the subject, not the template file.
+
+        The subject is the job's, not the file's, so its errors say so:
+        `subject of template "<template>": ...`.
+        """
+        where = f'subject of template "{template}"'
         try:
-            rendered = self._subject(source).render(context)
+            parsed = self._subject(source)
+            if isinstance(parsed, str):
+                raise TemplateFailure(f"{where}: {parsed}")
+            rendered = parsed.render(context)
         except TemplateFailure:
             raise
         except Exception as exc:
-            raise TemplateFailure(_describe("subject", exc)) from None
+            raise TemplateFailure(_describe(where, exc)) from None
         if len(rendered) > MAX_SUBJECT_CHARS:
             raise TemplateFailure(
-                f"subject: the rendered subject is over {MAX_SUBJECT_CHARS} characters"
+                f"{where}: the rendered subject is over {MAX_SUBJECT_CHARS} characters"
             )
         return rendered
 
-    def _subject(self, source: str) -> jinja2.Template:
-        """The compiled subject, parsed and checked against the subject syntax first."""
+    def _subject(self, source: str) -> jinja2.Template | str:
+        """The compiled subject, or why the subject syntax refuses it (checked first)."""
         with self._lock:
             compiled = self._subjects.get(source)
         if compiled is not None:
@@ -163,7 +172,7 @@ class TemplateRenderer:
         parsed = self._env.parse(source)
         refused = subjects.refusal(parsed)
         if refused is not None:
-            raise TemplateFailure(f"subject: {refused}")
+            return refused
         compiled = self._env.from_string(parsed)
         with self._lock:
             self._subjects[source] = compiled

@@ -28,7 +28,11 @@ from formcraftd.core.errors import ConfigError, PermanentFailure, RetryCode, Ret
 from formcraftd.core.redaction import redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
-from formcraftd.workers.sheets.google_auth import AccessToken, read_body
+from formcraftd.workers.sheets.google_auth import (
+    AccessToken,
+    describe_transport_error,
+    read_body,
+)
 
 __all__ = ["ApiRequest", "ApiResponse", "SheetsApi", "judge", "load_discovery", "send"]
 
@@ -162,7 +166,9 @@ async def send(
             "SHEETS_CONNECTION", f"{request.what}: no answer within {_TIMEOUT_S:.0f} s"
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise RetryLater("SHEETS_CONNECTION", f"{request.what}: {type(exc).__name__}") from None
+        raise RetryLater(
+            "SHEETS_CONNECTION", f"{request.what}: {describe_transport_error(exc)}"
+        ) from None
     if 200 <= status < 300:
         return ApiResponse(status, retry_after, "", "")
     error_status, message = _google_error(body, token.value)

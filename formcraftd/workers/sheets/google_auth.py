@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ __all__ = [
     "RefreshListener",
     "TokenCache",
     "copy_failure",
+    "describe_transport_error",
     "read_body",
     "token_key",
 ]
@@ -49,6 +52,27 @@ REFRESH_MARGIN_MS = 60_000
 _TIMEOUT = aiohttp.ClientTimeout(total=30)
 _MAX_RESPONSE_BYTES = 65_536
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """The error's type, and for a failed connection the host:port and the OS error.
+
+    E.g. ``ClientConnectorError: cannot connect to 127.0.0.1:1: [Errno 111]
+    Connection refused``. aiohttp's own message is not used: it quotes its
+    event loop's wording and, for some errors, the URL.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{name}: cannot connect to {exc.host}:{exc.port}: {_os_reason(exc.os_error)}"
+    if isinstance(exc, OSError) and (exc.errno or exc.strerror):
+        return f"{name}: {_os_reason(exc)}"
+    return name
+
+
+def _os_reason(error: OSError) -> str:
+    if isinstance(error, socket.gaierror) or not error.errno:  # DNS: its own numbering
+        return str(error.strerror or type(error).__name__)
+    return f"[Errno {error.errno}] {os.strerror(error.errno)}"
 
 
 def token_key(refresh_token: str) -> str:
@@ -264,7 +288,7 @@ class TokenCache:
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise RetryLater(
-                "OAUTH_UNAVAILABLE", f"OAuth token endpoint: {type(exc).__name__}"
+                "OAUTH_UNAVAILABLE", f"OAuth token endpoint: {describe_transport_error(exc)}"
             ) from None
         return self._parse(status, body, retry_after)
 

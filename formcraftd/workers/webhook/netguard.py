@@ -21,6 +21,9 @@ from formcraftd.core.errors import ConfigError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+ALLOW_HINT = "to allow it, add its network to workers.webhook.allowed_networks"
+"""How an SSRF refusal tells the operator to allow a private target on purpose."""
+
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -53,7 +56,7 @@ class AddressRefused(Exception):
     """
 
     def __init__(self, host: str) -> None:
-        super().__init__(f"{host} resolves only to private or reserved addresses")
+        super().__init__(f"{host} resolves only to private or reserved addresses; {ALLOW_HINT}")
         self.host = host
 
 

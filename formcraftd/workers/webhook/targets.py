@@ -16,7 +16,7 @@ from typing import Literal
 from yarl import URL
 
 from formcraftd.core.errors import PermanentFailure
-from formcraftd.workers.webhook.netguard import NetworkPolicy
+from formcraftd.workers.webhook.netguard import ALLOW_HINT, NetworkPolicy
 
 __all__ = ["Target", "breaker_key", "check_literal_host", "target_of"]
 
@@ -109,7 +109,7 @@ def check_literal_host(target: Target, policy: NetworkPolicy) -> None:
     if verdict == "refused":
         raise PermanentFailure(
             "SSRF_BLOCKED",
-            f"{target.origin}: {target.host} is a private or reserved address",
+            f"{target.origin}: {target.host} is a private or reserved address; {ALLOW_HINT}",
             reached_service=False,
         )
 

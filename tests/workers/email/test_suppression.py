@@ -93,6 +93,17 @@ def test_the_command_line_adds_lists_and_removes_addresses(
     assert capsys.readouterr().out.strip().endswith("removed")
 
 
+@pytest.mark.parametrize("argv", [("list",), ("list", "--json")])
+def test_listing_an_empty_list_says_so_on_stderr(
+    argv: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty list prints `no suppressed addresses in <file>` on stderr; stdout stays empty."""
+    assert run_suppression_cli(tmp_path, *argv) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"no suppressed addresses in {tmp_path / suppression.DB_NAME}\n"
+
+
 @pytest.mark.parametrize(
     "argv", [("add", "not-an-address"), ("remove", "nobody@example.com"), ("add", "a@b\nc")]
 )

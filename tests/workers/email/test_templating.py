@@ -114,7 +114,12 @@ def test_html_to_text_turns_table_rows_into_label_value_lines() -> None:
     [
         ("no-such-template", "s", {}, "not found"),
         ("submission-notification", "{{ data.form_name }}", {"answers": []}, "form_name"),
-        ("submission-notification", "{% if %}", {}, "subject: syntax error on line 1"),
+        (
+            "submission-notification",
+            "{% if %}",
+            {},
+            'subject of template "submission-notification": syntax error on line 1',
+        ),
         ("submission-notification", "{{ unknown_variable }}", {}, "unknown_variable"),
         ("broken", "s", {}, "broken.html: syntax error on line 2"),
     ],
@@ -138,6 +143,18 @@ async def test_template_problems_are_template_errors_and_send_nothing(
     assert why in failure.reason
     assert not failure.reached_service
     assert smtp_server.connections == 0
+
+
+def test_an_error_in_the_subject_names_the_subject_not_the_template_file(
+    tmp_path: Path,
+) -> None:
+    """An undefined name in the job's subject is reported against the subject of the template."""
+    renderer = TemplateRenderer(template_folder(tmp_path, x="<p>{{ subject }}</p>"))
+    with pytest.raises(TemplateFailure) as caught:
+        renderer.render("x", "Hello {{ missing }}", {})
+    assert str(caught.value) == (
+        "subject of template \"x\": UndefinedError: 'missing' is undefined"
+    )
 
 
 # --- the subject's syntax -------------------------------------------------------------------------
@@ -185,7 +202,7 @@ async def test_hostile_subjects_are_refused_before_rendering_without_allocating(
     before = peak_rss_mb()
     failure = await fails_with(handler, job, "TEMPLATE_ERROR")
     assert peak_rss_mb() - before < 20
-    assert failure.reason.startswith("subject: ")
+    assert failure.reason.startswith('subject of template "submission-notification": ')
     assert why in failure.reason
     assert smtp_server.received == []
 
@@ -215,7 +232,7 @@ def test_subjects_outside_the_syntax_are_refused_with_a_reason(subject: str, why
     """Whatever the syntax does not allow is refused on the parsed subject, saying what."""
     with pytest.raises(TemplateFailure) as caught:
         rendered_subject(subject)
-    assert str(caught.value).startswith("subject: ")
+    assert str(caught.value).startswith('subject of template "submission-notification": ')
     assert why in str(caught.value)
 
 
@@ -223,7 +240,7 @@ def test_a_rendered_subject_over_998_characters_is_a_template_error() -> None:
     """A subject that renders longer than RFC 5322's line limit is refused."""
     data = {**SAMPLE_DATA, "long": "x" * 998}
     assert len(rendered_subject("{{ long }}", data)) == 998
-    with pytest.raises(TemplateFailure, match=r"^subject: .* over 998 characters$"):
+    with pytest.raises(TemplateFailure, match=r"^subject of template .* over 998 characters$"):
         rendered_subject("{{ long }}!", data)
 
 

@@ -23,6 +23,7 @@ from formcraftd.workers.sheets.api import load_discovery
 from formcraftd.workers.sheets.batch import Batcher
 from formcraftd.workers.sheets.handler import SheetsHandler
 from tests.support.google import CLIENT_SECRET, Failure, FakeGoogle, sheets_job_body
+from tests.support.process import free_port
 
 pytestmark = [pytest.mark.sheets, pytest.mark.timeout(30)]
 
@@ -451,14 +452,36 @@ async def test_429_retry_after_is_honoured_and_pauses_the_bucket(
     assert google.calls[1].at - google.calls[0].at >= 0.95
 
 
-async def test_network_error_is_retryable(make_handler: HandlerFactory, google: FakeGoogle) -> None:
-    """A Sheets API that cannot be reached makes the job RetryLater."""
+async def test_a_connection_error_names_the_host_port_and_os_error(
+    make_handler: HandlerFactory, google: FakeGoogle
+) -> None:
+    """A Sheets API on a closed port: RetryLater naming host:port, errno and strerror."""
     refresh, access, expiry = google.add_user()
-    handler = await make_handler(api_root_url="http://127.0.0.1:9/")
+    port = free_port()
+    handler = await make_handler(api_root_url=f"http://127.0.0.1:{port}/")
     outcome = await Runner(handler).run(job(refresh, access, expiry))
     assert isinstance(outcome, RetryLater)
-    assert "ClientConnectorError" in outcome.reason
+    assert outcome.reason == (
+        f"values.append on {SHEET}: ClientConnectorError: "
+        f"cannot connect to 127.0.0.1:{port}: [Errno 111] Connection refused"
+    )
     assert outcome.code == "SHEETS_CONNECTION"
+
+
+async def test_a_token_endpoint_connection_error_names_the_host_and_port(
+    make_handler: HandlerFactory, google: FakeGoogle
+) -> None:
+    """A token endpoint on a closed port: RetryLater naming where it tried to connect."""
+    refresh, _, _ = google.add_user()
+    port = free_port()
+    handler = await make_handler(token_url=f"http://127.0.0.1:{port}/token")
+    outcome = await Runner(handler).run(job(refresh, "stale", now_ms() - HOUR_MS))
+    assert isinstance(outcome, RetryLater)
+    assert outcome.reason == (
+        "OAuth token endpoint: ClientConnectorError: "
+        f"cannot connect to 127.0.0.1:{port}: [Errno 111] Connection refused"
+    )
+    assert outcome.code == "OAUTH_UNAVAILABLE"
 
 
 # --- rate limits -------------------------------------------------------------------

@@ -77,6 +77,9 @@ async def test_guard_refuses_loopback(
         await guarded_handler.handle(job(receiver.url(host=host), secret="guard-secret-1"), ctx())
     assert info.value.code == "SSRF_BLOCKED" and not info.value.reached_service
     assert "guard-secret-1" not in info.value.reason
+    assert info.value.reason.endswith(
+        "; to allow it, add its network to workers.webhook.allowed_networks"
+    )
     assert receiver.seen == []
 
 
