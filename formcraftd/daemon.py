@@ -31,7 +31,7 @@ from formcraftd.amqp.connection import Broker
 from formcraftd.amqp.consumer import Consumer
 from formcraftd.amqp.events import EventPublisher
 from formcraftd.amqp.topology import WorkerTopology, main_queue_hint
-from formcraftd.core.breakers import BreakerRegistry
+from formcraftd.core.breakers import BreakerRegistry, BreakerState
 from formcraftd.core.config import AnyWorkerConfig, Config, WorkerKind
 from formcraftd.core.errors import ConfigError
 from formcraftd.core.events import Emit
@@ -39,6 +39,7 @@ from formcraftd.core.handler import Handler, HandlerFactory
 from formcraftd.core.stats import QueueStats
 from formcraftd.core.text import utc_timestamp
 from formcraftd.ops import logs, systemd
+from formcraftd.ops.endpoints import EndpointHealth
 from formcraftd.ops.http import UnknownQueue, build_app, start_server
 from formcraftd.ops.metrics import Metrics
 from formcraftd.ops.monitor import Monitor, QueueSample
@@ -111,16 +112,17 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics(__version__)
+        self.events = EventPublisher(config.events, config.broker, self.metrics.events_dropped)
+        self.endpoints = EndpointHealth(self.events.emit if self.events.enabled else None)
         self.breakers = BreakerRegistry(
             config.breaker,
-            on_change=self.metrics.breaker_changed,
-            on_evict=self.metrics.breaker_evicted,
+            on_change=self._breaker_changed,
+            on_evict=self._breaker_evicted,
         )
         self.broker = Broker(config.broker, on_state=self._broker_state_changed)
         self.consumers: dict[str, Consumer] = {}
         self.kinds: dict[str, WorkerKind] = {}
         self.monitor = Monitor(config.monitoring, source=self, metrics=self.metrics)
-        self.events = EventPublisher(config.events, config.broker, self.metrics.events_dropped)
         self.reloader = Reloader(
             self, on_result=lambda result: self.metrics.config_reloads.labels(result).inc()
         )
@@ -222,7 +224,9 @@ class Daemon:
 
     async def _start_worker(self, kind: WorkerKind, worker: AnyWorkerConfig) -> None:
         emit = self.events.emit if self.events.enabled else None
-        handler = build_handler(kind, worker, emit=emit)
+        # Workers' own events (a 410 Gone, a refreshed token) go through the endpoint
+        # health first, which remembers what the status page shows, then out if enabled.
+        handler = build_handler(kind, worker, emit=self.endpoints.emit)
         if handler is None:
             log.warning(
                 "the %s worker is not available in this build; %s is not consumed",
@@ -334,6 +338,16 @@ class Daemon:
 
     # --- state for health, status, the monitor ----------------------------------------
 
+    def _breaker_changed(self, key: str, state: BreakerState) -> None:
+        self.metrics.breaker_changed(key, state)
+        breaker = self.breakers.peek(key)
+        if breaker is not None:
+            self.endpoints.breaker_changed(breaker, state)
+
+    def _breaker_evicted(self, key: str) -> None:
+        self.metrics.breaker_evicted(key)
+        self.endpoints.forget(key)
+
     def _broker_state_changed(self, connected: bool) -> None:
         self.metrics.broker_connected.set(1 if connected else 0)
         if connected and self._was_connected:
@@ -423,6 +437,7 @@ class Daemon:
             "broker": {"connected": self.broker.connected, "reconnects": self.broker.reconnects},
             "queues": queues,
             "breakers": self.breakers.snapshot(),
+            "endpoints": self.endpoints.snapshot(),
             "alerts": self.monitor.snapshot(),
             "monitoring": self.monitor.describe(),
             "last_reload": self.reloader.last,

@@ -246,7 +246,7 @@ class JobPipeline:
             if not exc.counts_for_breaker:
                 breaker.release()
                 return exc
-            breaker.record_failure()
+            breaker.record_failure(exc.code, exc.status)
             if probing:
                 # The service is still down: like the jobs that waited, the probe
                 # waits out the breaker again instead of spending one of its tries.

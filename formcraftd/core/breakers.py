@@ -57,6 +57,9 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probe_in_flight = False
+        self.failing_since: float | None = None  # time.time() of the streak's first failure
+        self.last_error_code: str | None = None
+        self.last_status: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -105,12 +108,17 @@ class CircuitBreaker:
     def record_success(self) -> None:
         """The service answered: zero the failure count; a half-open breaker closes."""
         self._failures = 0
+        self.failing_since = None
         if self.state == "half_open":
             self._transition("closed")
 
-    def record_failure(self) -> None:
-        """The service failed: count it; open at the threshold; a failed probe re-opens."""
+    def record_failure(self, code: str | None = None, status: int | None = None) -> None:
+        """The service failed (with `code` and `status` when known): count it; open at the
+        threshold; a failed probe re-opens."""
+        if self._failures == 0:
+            self.failing_since = time.time()
         self._failures += 1
+        self.last_error_code, self.last_status = code, status
         state = self.state
         tripped = state == "closed" and self._failures >= self._failure_threshold
         if state == "half_open" or tripped:
@@ -123,6 +131,7 @@ class CircuitBreaker:
     def reset(self) -> None:
         """Force the breaker closed and forget its failures."""
         self._failures = 0
+        self.failing_since = None
         if self._state != "closed":
             self._transition("closed")
 
@@ -215,6 +224,10 @@ class BreakerRegistry:
                 failure_threshold=config.failure_threshold,
                 reset_timeout_s=config.reset_timeout_ms / 1000,
             )
+
+    def peek(self, key: str) -> CircuitBreaker | None:
+        """The breaker for `key` if there is one, without creating or touching it."""
+        return self._breakers.get(key)
 
     def reset(self, key: str) -> bool:
         """Close the breaker for `key`; False when there is none."""

@@ -53,7 +53,59 @@ class TokenRefreshedEvent(
     at: str
 
 
-Event = DeliveryEvent | TokenRefreshedEvent
+class EndpointFailingEvent(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="event", tag="endpoint_failing"
+):
+    """A destination's circuit breaker opened (`webhook.endpoint_failing`).
+
+    Jobs for it wait without using a try until it recovers; `last_error_code`
+    and `last_status` are those of the failure that opened it.
+    """
+
+    kind: Literal["webhook"] = "webhook"
+    host: str
+    port: int
+    consecutive_failures: int
+    last_error_code: str | None = None
+    last_status: int | None = None
+    since: str  # when the failures began
+    at: str
+
+
+class EndpointRecoveredEvent(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="event", tag="endpoint_recovered"
+):
+    """A failing destination answered again; its breaker closed (`webhook.endpoint_recovered`)."""
+
+    kind: Literal["webhook"] = "webhook"
+    host: str
+    port: int
+    failing_since: str | None = None
+    at: str
+
+
+class EndpointGoneEvent(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="event", tag="endpoint_gone"
+):
+    """A receiver answered 410 Gone (`webhook.endpoint_gone`): the app may disable it.
+
+    The Standard Webhooks specification recommends that a sender stop sending
+    to an endpoint that answers 410; the job itself is dead-lettered as
+    `HTTP_STATUS`. `url` has its credentials and query values masked.
+    """
+
+    kind: Literal["webhook"] = "webhook"
+    url: str
+    host: str
+    port: int
+    job_id: str
+    form_id: str
+    submission_id: str
+    at: str
+
+
+EndpointEvent = EndpointFailingEvent | EndpointRecoveredEvent | EndpointGoneEvent
+Event = DeliveryEvent | TokenRefreshedEvent | EndpointEvent
 Emit = Callable[[Event], None]
 """Hands an event to the publisher; never blocks, never raises."""
 
@@ -71,9 +123,18 @@ def snippet(text: str | None) -> str | None:
 
 
 def routing_key(event: Event) -> str:
+    if isinstance(event, DeliveryEvent):
+        return f"{event.kind}.{event.outcome}"
     if isinstance(event, TokenRefreshedEvent):
         return "sheets.token_refreshed"
-    return f"{event.kind}.{event.outcome}"
+    return f"{event.kind}.{_ENDPOINT_KEYS[type(event)]}"
+
+
+_ENDPOINT_KEYS: dict[type[EndpointEvent], str] = {
+    EndpointFailingEvent: "endpoint_failing",
+    EndpointRecoveredEvent: "endpoint_recovered",
+    EndpointGoneEvent: "endpoint_gone",
+}
 
 
 def schema() -> dict[str, object]:

@@ -276,6 +276,19 @@ async def test_status_page_renders_data_as_text_never_as_markup(tmp_path: Path) 
         },
         "breakers": {key: "open"},
         "alerts": [{"alert": f"queue_size:{queue}", "detail": detail, "since": "now"}],
+        "endpoints": {
+            "failing": [
+                {
+                    "host": "<b>h</b>",
+                    "port": 443,
+                    "consecutive_failures": 5,
+                    "last_error_code": "TIMEOUT",
+                    "last_status": None,
+                    "since": "then",
+                }
+            ],
+            "gone": [],
+        },
         "last_reload": None,
     }
 
@@ -293,3 +306,5 @@ async def test_status_page_renders_data_as_text_never_as_markup(tmp_path: Path) 
     assert page.fields[(None, "version")] == "<i>1.0</i>"
     assert page.fields[(None, "alert_detail")] == detail
     assert page.fields[(None, "breaker_key")] == key
+    assert page.fields[(None, "endpoint")] == "<b>h</b>:443"
+    assert page.fields[(None, "endpoint_state")] == "failing"

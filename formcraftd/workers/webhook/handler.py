@@ -27,10 +27,10 @@ import aiohttp
 
 from formcraftd.core.config import WebhookWorkerConfig
 from formcraftd.core.errors import PermanentFailure, RetryCode, RetryLater
-from formcraftd.core.events import Emit
+from formcraftd.core.events import Emit, EndpointGoneEvent, now
 from formcraftd.core.handler import Delivered, JobContext
 from formcraftd.core.jobs import WebhookJob
-from formcraftd.core.redaction import redact
+from formcraftd.core.redaction import mask_url, redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
@@ -128,6 +128,7 @@ class WebhookHandler:
     ) -> None:
         self._settings = _Settings.from_config(config)
         self._user_agent = user_agent
+        self._emit = emit
         self._pool: _Pool | None = None
         self._retired: list[_Pool] = []
 
@@ -194,6 +195,8 @@ class WebhookHandler:
             ctx.job_id,
             ctx.attempt,
         )
+        if response.status == 410 and self._emit is not None:
+            self._emit(_gone(job, ctx))
         return _judge(response, request)
 
     def _pool_for(self, settings: _Settings) -> _Pool:
@@ -344,6 +347,21 @@ def _describe(exc: BaseException) -> str:
     os_error = getattr(exc, "os_error", exc)
     strerror = getattr(os_error, "strerror", None)
     return f"{type(exc).__name__} ({strerror})" if strerror else type(exc).__name__
+
+
+def _gone(job: WebhookJob, ctx: JobContext) -> EndpointGoneEvent:
+    """`webhook.endpoint_gone` for a 410: the app may disable the integration."""
+    key = target_of(job.payload.url).breaker_key
+    host, _, port = key.removeprefix("webhook:").rpartition(":")
+    return EndpointGoneEvent(
+        url=mask_url(job.payload.url),
+        host=host,
+        port=int(port),
+        job_id=ctx.job_id,
+        form_id=job.metadata.form_id,
+        submission_id=job.metadata.submission_id,
+        at=now(),
+    )
 
 
 def _judge(response: _Response, request: WebhookRequest) -> Delivered:
