@@ -165,7 +165,7 @@ bench: $(BENCH_STAMP) rabbitmq
 # that pyproject.toml allows, runtime and dev alike: its lower bounds must be honest.
 # A scratch venv outside the tree; not part of `make test`; about 5 minutes.
 # Narrow it with LOWEST_TESTS="tests/core tests/amqp" or PYTEST_ARGS="-x".
-test-lowest: venv rabbitmq
+test-lowest: venv rabbitmq chromium
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	@echo "test-lowest: resolving the lowest allowed versions into $(LOWEST_VENV)/requirements.txt"
