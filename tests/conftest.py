@@ -29,18 +29,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
+def uses_the_broker(item: pytest.Item) -> bool:
+    """Whether a test talks to RabbitMQ: marked e2e or faults, or takes a broker fixture."""
+    if item.get_closest_marker("e2e") or item.get_closest_marker("faults"):
+        return True
+    return bool({"names", "amqp", "start_daemon"} & set(getattr(item, "fixturenames", ())))
+
+
 @pytest.fixture(scope="session", autouse=True)
-def run_vhost() -> Iterator[None]:
+def run_vhost(request: pytest.FixtureRequest) -> Iterator[None]:
     """This run's own virtual host: made first, then checked and deleted at the end.
 
     The run fails (an error at teardown) if it left a queue or an exchange behind, in
-    its vhost or under its names in the default one. Without a broker there is nothing
-    to make: the tests that need one fail on their own.
+    its vhost or under its names in the default one. Nothing is made when no test
+    uses the broker, or when none answers (the tests that need one fail on their own).
     """
-    if not rabbitmqctl.broker_answers():
+    if not any(map(uses_the_broker, request.session.items)) or not rabbitmqctl.broker_answers():
         yield
         return
-    rabbitmqctl.create_vhost()
+    try:
+        rabbitmqctl.create_vhost()
+    except rabbitmqctl.RabbitmqctlError as exc:
+        pytest.exit(
+            f"the tests make a RabbitMQ virtual host of their own with rabbitmqctl, which "
+            f"failed (run them as root, or as a user with RabbitMQ's Erlang cookie): {exc}",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
     try:
         yield
         left = rabbitmqctl.leftovers()
