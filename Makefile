@@ -1,6 +1,7 @@
-# formcraftd — set up, run and test. The machine needs python3 and
-# rabbitmq-server; everything else is installed into .venv by `make venv`, from the
-# lock files in requirements/ (exact versions, every file's sha256).
+# formcraftd — set up, run and test. The machine needs python3 (3.11+); run as root
+# on Debian, `make run` and `make test` install rabbitmq-server (and, for the tests,
+# chromium) with apt-get when missing. Everything else is installed into .venv by
+# `make venv`, from the lock files in requirements/ (exact versions, every file's sha256).
 #
 #   make run                     set up, start RabbitMQ if needed, run the daemon
 #   make test                    every test (PYTEST_ARGS="-k breaker -x" to narrow)
@@ -47,7 +48,7 @@ LOWEST_TESTS ?= tests
 AMQP_UP = $(PYTHON) -c 'import socket, sys; s = socket.socket(); s.settimeout(1); \
 	sys.exit(s.connect_ex(("$(AMQP_HOST)", $(AMQP_PORT))) != 0)'
 
-.PHONY: venv lock lock-upgrade rabbitmq run test test-worker test-lowest test-cluster bench lint \
+.PHONY: venv lock lock-upgrade rabbitmq chromium run test test-worker test-lowest test-cluster bench lint \
 	clean distclean
 .DEFAULT_GOAL := test
 
@@ -95,15 +96,29 @@ lock: $(if $(filter $(BIN)/uv,$(UV)),venv)
 lock-upgrade:
 	$(MAKE) lock LOCK_ARGS=--upgrade
 
+# Installs Debian's PACKAGE when make runs as root with apt-get (apt shows its
+# progress); otherwise prints the one command to run and fails.
+APT_INSTALL = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "$@: installing Debian's $(1) package (apt-get update, then apt-get install)"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(1) || exit 1; \
+	else \
+	  echo "$@: $(2); install it with: sudo apt-get install $(1)" >&2; exit 1; \
+	fi
+
+# RabbitMQ on AMQP_HOST:AMQP_PORT: left alone when something answers there, else
+# rabbitmq-server (installed first when missing) started with -detached.
+RABBITMQ_MISSING = nothing answers on $(AMQP_HOST):$(AMQP_PORT) and rabbitmq-server is not installed
+
 rabbitmq:
 	@if $(AMQP_UP); then \
 	  echo "rabbitmq: $(AMQP_HOST):$(AMQP_PORT) answers"; \
 	else \
 	  command -v rabbitmq-server >/dev/null || { \
-	    echo "rabbitmq: nothing on $(AMQP_HOST):$(AMQP_PORT) and rabbitmq-server is not installed" >&2; \
-	    exit 1; }; \
-	  echo "rabbitmq: starting rabbitmq-server -detached"; \
-	  rabbitmq-server -detached; \
+	    $(call APT_INSTALL,rabbitmq-server,$(RABBITMQ_MISSING)); }; \
+	  if ! $(AMQP_UP); then \
+	    echo "rabbitmq: starting rabbitmq-server -detached"; \
+	    rabbitmq-server -detached; \
+	  fi; \
 	  for i in $$(seq $(RABBITMQ_WAIT_S)); do $(AMQP_UP) && break; sleep 1; done; \
 	  $(AMQP_UP) || { \
 	    echo "rabbitmq: port $(AMQP_PORT) still closed after $(RABBITMQ_WAIT_S) s" >&2; exit 1; }; \
@@ -112,10 +127,18 @@ rabbitmq:
 	  echo "rabbitmq: started"; \
 	fi
 
+# Headless Chromium renders the status page in tests/ops/test_status_page.py.
+chromium:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
+	  echo "chromium: $$(command -v chromium || command -v chromium-browser)"; \
+	else \
+	  $(call APT_INSTALL,chromium,the status page test needs headless Chromium); \
+	fi
+
 run: venv rabbitmq
 	$(BIN)/formcraftd run --config $(CONFIG)
 
-test: venv rabbitmq
+test: venv rabbitmq chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-worker: venv rabbitmq
@@ -142,7 +165,7 @@ bench: $(BENCH_STAMP) rabbitmq
 # that pyproject.toml allows, runtime and dev alike: its lower bounds must be honest.
 # A scratch venv outside the tree; not part of `make test`; about 5 minutes.
 # Narrow it with LOWEST_TESTS="tests/core tests/amqp" or PYTEST_ARGS="-x".
-test-lowest: venv rabbitmq
+test-lowest: venv rabbitmq chromium
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	@echo "test-lowest: resolving the lowest allowed versions into $(LOWEST_VENV)/requirements.txt"

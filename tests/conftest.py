@@ -4,14 +4,68 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aio_pika
 import pytest
 
 from formcraftd.core import config
 from formcraftd.daemon import Daemon
-from tests.support import AMQP_URL, Behaviour, Broker, Names, Receiver, ok
+from tests.support import AMQP_URL, VHOST, Behaviour, Broker, Names, Receiver, ok, rabbitmqctl
+
+WHOLE_BROKER_TESTS = "FORMCRAFTD_WHOLE_BROKER_TESTS"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip the `whole_broker` tests unless FORMCRAFTD_WHOLE_BROKER_TESTS=1 asks for them."""
+    if os.environ.get(WHOLE_BROKER_TESTS) == "1":
+        return
+    skip = pytest.mark.skip(
+        reason=f"disturbs every user of the broker; {WHOLE_BROKER_TESTS}=1 runs it (.ci/run does)"
+    )
+    for item in items:
+        if item.get_closest_marker("whole_broker"):
+            item.add_marker(skip)
+
+
+def uses_the_broker(item: pytest.Item) -> bool:
+    """Whether a test talks to RabbitMQ: marked e2e or faults, or takes a broker fixture."""
+    if item.get_closest_marker("e2e") or item.get_closest_marker("faults"):
+        return True
+    return bool({"names", "amqp", "start_daemon"} & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_vhost(request: pytest.FixtureRequest) -> Iterator[None]:
+    """This run's own virtual host: made first, then checked and deleted at the end.
+
+    The run fails (an error at teardown) if it left a queue or an exchange behind, in
+    its vhost or under its names in the default one. Nothing is made when no test
+    uses the broker, or when none answers (the tests that need one fail on their own).
+    """
+    if not any(map(uses_the_broker, request.session.items)) or not rabbitmqctl.broker_answers():
+        yield
+        return
+    try:
+        rabbitmqctl.create_vhost()
+    except rabbitmqctl.RabbitmqctlError as exc:
+        pytest.exit(
+            f"the tests make a RabbitMQ virtual host of their own with rabbitmqctl, which "
+            f"failed (run them as root, or as a user with RabbitMQ's Erlang cookie): {exc}",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+    try:
+        yield
+        left = rabbitmqctl.leftovers()
+    finally:
+        rabbitmqctl.delete_vhost()
+    if left:
+        pytest.fail(
+            f"the tests left queues or exchanges on the broker (vhost {VHOST} "
+            f"is deleted now, with them): {', '.join(left)}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import hmac
 import io
-import subprocess
 import time
 
 import aiohttp
@@ -19,7 +18,7 @@ from aiohttp import web
 from formcraftd.ops import logs
 from formcraftd.ops.http import bound_port
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, HealthWatch, Names, make_config, webhook_job
+from tests.support import Broker, HealthWatch, Names, make_config, rabbitmqctl, webhook_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.webhook]
 
@@ -347,13 +346,7 @@ async def test_broker_connection_loss_turns_health_503_and_back(
     daemon = await start_daemon(cfg)
     try:
         async with HealthWatch(daemon) as health:
-            await asyncio.to_thread(
-                subprocess.run,
-                ["rabbitmqctl", "-q", "close_all_connections", "formcraftd connection test"],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
+            await rabbitmqctl.close_connections("formcraftd connection test")
             await health.went_down_and_up()
     finally:
         # whatever happened, wait for our own robust connection to be back

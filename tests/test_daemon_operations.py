@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from formcraftd.daemon import Daemon
 from formcraftd.ops.http import bound_port
 from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, webhook_job
+from tests.support import Broker, Names, make_config, rabbitmqctl, webhook_job
 from tests.support.process import (
     free_port,
     run_cli,
@@ -488,13 +487,7 @@ async def test_each_alert_is_raised_and_cleared(
     await sink.wait(f"processing_delay:{queue}", "cleared")
 
     try:
-        await asyncio.to_thread(
-            subprocess.run,
-            ["rabbitmqctl", "-q", "close_all_connections", "alert test"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        await rabbitmqctl.close_connections("alert test")
         await sink.wait("broker_disconnected", "raised")
         await sink.wait("broker_disconnected", "cleared", timeout=30)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any, cast
 
 import aio_pika
@@ -13,7 +12,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from formcraftd.amqp.acks import Acks, Delivery
-from tests.support import AMQP_URL
+from tests.support import AMQP_URL, Names
 
 
 class RecordingChannel:
@@ -232,7 +231,7 @@ async def test_the_broker_accepts_batched_acks_settled_in_any_order() -> None:
     closes the channel with PRECONDITION_FAILED or loses that delivery.
     """
     connection = await aio_pika.connect(AMQP_URL)
-    name = f"fctest.{uuid.uuid4().hex[:10]}.acks"
+    name = f"{Names().prefix}.acks"
     try:
         channel = await connection.channel()
         await channel.declare_queue(name, durable=False, auto_delete=False)

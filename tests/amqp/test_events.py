@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,7 +27,17 @@ from formcraftd.amqp.events import EventPublisher
 from formcraftd.core.config import BrokerConfig, Config, EventsConfig
 from formcraftd.core.events import DeliveryEvent, Event, TokenRefreshedEvent, now, routing_key
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import AMQP_URL, Broker, Names, TcpProxy, make_config, webhook_job
+from tests.support import (
+    AMQP_URL,
+    VHOST,
+    Broker,
+    Names,
+    TcpProxy,
+    amqp_url,
+    make_config,
+    rabbitmqctl,
+    webhook_job,
+)
 from tests.support.google import CLIENT_SECRET, Failure, FakeGoogle, sheets_job_body
 from tests.support.process import free_port, run_cli, write_config
 from tests.support.smtp import SmtpServer, email_payload, running_servers
@@ -259,6 +269,7 @@ async def test_jobs_succeed_when_the_events_exchange_cannot_be_used(
         await channel.close()
 
 
+@pytest.mark.whole_broker
 async def test_jobs_succeed_while_the_broker_blocks_publishers(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
@@ -268,18 +279,20 @@ async def test_jobs_succeed_while_the_broker_blocks_publishers(
     queue = daemon.config.workers.webhook.queue
     for i in range(5):
         await amqp.publish(queue, webhook_job(receiver.url, submission_id=str(i)))
+    watermark = await _memory_high_watermark()
     try:
-        await _rabbitmqctl("set_vm_memory_high_watermark", "0.000001")
+        await rabbitmqctl.run_async("set_vm_memory_high_watermark", "0.000001")
         await receiver.wait_for(5, timeout=20)
     finally:
-        await _rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+        await rabbitmqctl.run_async("set_vm_memory_high_watermark", *watermark)
     assert await amqp.depth(queue) == 0
 
 
-async def _rabbitmqctl(*args: str) -> None:
-    await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60
-    )
+async def _memory_high_watermark() -> list[str]:
+    """The node's memory high watermark, as `set_vm_memory_high_watermark` arguments."""
+    status = json.loads(await rabbitmqctl.run_async("status", "--formatter", "json"))
+    [(kind, value)] = status["vm_memory_high_watermark_setting"].items()
+    return [str(value)] if kind == "relative" else ["absolute", str(value)]
 
 
 async def test_events_tail_prints_events_as_they_arrive(
@@ -542,7 +555,7 @@ async def test_publishing_resumes_after_the_connection_is_lost(
     proxy = await TcpProxy().start()
     try:
         with caplog.at_level(logging.WARNING, logger="formcraftd.events"):
-            async with publishing(names, f"amqp://guest:guest@127.0.0.1:{proxy.port}/") as running:
+            async with publishing(names, amqp_url(proxy.port)) as running:
                 await running.emit(delivery(0))
                 for n in range(1, 3001):
                     running.publisher.emit(delivery(n))
@@ -573,7 +586,7 @@ async def test_publishing_resumes_after_the_broker_closes_the_connection(
     once the connection is back."""
     proxy = await TcpProxy().start()
     try:
-        async with publishing(names, f"amqp://guest:guest@127.0.0.1:{proxy.port}/") as running:
+        async with publishing(names, amqp_url(proxy.port)) as running:
             await running.emit(delivery(1))
             await _close_connections_through(proxy)
             await running.emit(delivery(2))
@@ -586,22 +599,19 @@ async def test_publishing_resumes_after_the_broker_closes_the_connection(
 async def _close_connections_through(proxy: TcpProxy) -> None:
     """Have RabbitMQ close the connections that come through `proxy`, and nothing else."""
     ports = {writer.get_extra_info("sockname")[1] for writer in proxy._writers} - {proxy.port}
-    listing = await asyncio.to_thread(
-        subprocess.run,
-        ["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid", "peer_port"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    listing = await rabbitmqctl.run_async(
+        "list_connections", "--no-table-headers", "pid", "peer_port", "vhost"
     )
     pids = [
         pid
-        for pid, port in (line.split("\t") for line in listing.stdout.splitlines() if line)
-        if int(port) in ports
+        for pid, port, vhost in (line.split("\t") for line in listing.splitlines() if line)
+        if int(port) in ports and vhost == VHOST
     ]
     assert pids, f"no connection from ports {ports}"
     for pid in pids:
-        await _rabbitmqctl("close_connection", pid, "test: the events connection goes away")
+        await rabbitmqctl.run_async(
+            "close_connection", pid, "test: the events connection goes away"
+        )
 
 
 class StubConnection:
@@ -698,8 +708,11 @@ async def test_emit_drops_and_counts_past_the_buffer_size(names: Names) -> None:
     assert len(running.publisher._buffer) == events_module.BUFFER_SIZE
 
 
-async def test_events_emitted_before_the_publisher_runs_are_waited_for(names: Names) -> None:
+async def test_events_emitted_before_the_publisher_runs_are_waited_for(
+    names: Names, amqp: Broker
+) -> None:
     """`drained()` does not return while an event waits for the publisher to start."""
+    amqp.track_exchange(f"{names.prefix}.events")  # the publisher declares it
     running = Publishing(names, AMQP_URL)
     running.publisher.emit(delivery(1))
     drained = asyncio.create_task(running.publisher.drained())

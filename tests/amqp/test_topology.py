@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 
 import aio_pika
 import pytest
@@ -14,7 +13,7 @@ from formcraftd.amqp.connection import Broker as DaemonBroker
 from formcraftd.amqp.topology import WorkerTopology, dead_letter_queue_name, retry_queue_name
 from formcraftd.core.errors import BrokerUnreachable, TopologyError
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, webhook_job
+from tests.support import VHOST, Broker, Names, make_config, rabbitmqctl, webhook_job
 
 pytestmark = [pytest.mark.e2e]
 
@@ -98,15 +97,10 @@ async def test_quorum_queues_work_end_to_end(
     await start_daemon(cfg)
     await amqp.publish(cfg.workers.webhook.queue, webhook_job(receiver.url))
     await receiver.wait_for(2)
-    listing = await asyncio.to_thread(
-        subprocess.run,
-        ["rabbitmqctl", "-q", "list_queues", "name", "type", "--formatter", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    listing = await rabbitmqctl.run_async(
+        "list_queues", "-p", VHOST, "name", "type", "--formatter", "json"
     )
-    types = {q["name"]: q["type"] for q in json.loads(listing.stdout)}
+    types = {q["name"]: q["type"] for q in json.loads(listing)}
     topology = WorkerTopology.build(cfg.workers.webhook, cfg.broker)
     assert {types[spec.name] for spec in topology.queues()} == {"quorum"}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 import pytest
@@ -12,17 +11,11 @@ from aiohttp import web
 from formcraftd.daemon import Daemon
 from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, HealthWatch, Names, make_config, webhook_job
+from tests.support import Broker, HealthWatch, Names, make_config, rabbitmqctl, webhook_job
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(240)]
 
 JOBS = 300
-
-
-async def rabbitmqctl(*args: str) -> None:
-    await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120
-    )
 
 
 async def wait_health(daemon: Daemon, healthy: bool, timeout: float) -> None:
@@ -58,7 +51,8 @@ async def assert_all_delivered(receiver_requests: list, ids: list[str], url: str
 async def test_connections_closed_mid_stream(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
-    """close_all_connections while jobs flow: 503 then 200, a reconnect counted, all delivered."""
+    """The broker closes the connections while jobs flow: 503 then 200, a reconnect
+    counted, all delivered."""
     receiver = await receiver_factory(paced(0.01))
     cfg = make_config(names, webhook={"concurrency": 8})
     daemon = await start_daemon(cfg)
@@ -66,7 +60,7 @@ async def test_connections_closed_mid_stream(
     await receiver.wait_for(JOBS // 4)
     try:
         async with HealthWatch(daemon) as health:
-            await rabbitmqctl("close_all_connections", "fault test")
+            await rabbitmqctl.close_connections("fault test")
             await health.went_down_and_up()
     finally:
         await amqp.connection.connected.wait()
@@ -79,6 +73,7 @@ async def test_connections_closed_mid_stream(
     assert "formcraftd_broker_connected 1.0" in metrics
 
 
+@pytest.mark.whole_broker
 async def test_broker_application_stopped_and_started(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
@@ -89,13 +84,13 @@ async def test_broker_application_stopped_and_started(
     ids = await publish_all(amqp, cfg.workers.webhook.queue, receiver.url)
     await receiver.wait_for(JOBS // 4)
     try:
-        await rabbitmqctl("stop_app")
+        await rabbitmqctl.run_async("stop_app", timeout=120)
         await wait_health(daemon, False, 20)
         await asyncio.sleep(2)
         assert not daemon.health()[0]
     finally:
-        await rabbitmqctl("start_app")
-        await rabbitmqctl("await_startup")
+        await rabbitmqctl.run_async("start_app", timeout=120)
+        await rabbitmqctl.run_async("await_startup", timeout=120)
     await wait_health(daemon, True, 60)
     await amqp.connection.connected.wait()
     await receiver.wait_for(JOBS, timeout=90)

@@ -8,7 +8,16 @@ import time
 import pytest
 
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, TcpProxy, make_config, webhook_job
+from tests.support import (
+    AMQP_URL,
+    BROKER_URL,
+    Broker,
+    Names,
+    TcpProxy,
+    amqp_url,
+    make_config,
+    webhook_job,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -19,7 +28,7 @@ async def test_the_daemon_fails_over_to_the_next_node(
     """Node 1 (a proxy) dies mid-stream; the daemon reconnects through node 2 and delivers all."""
     proxy = await TcpProxy().start()
     receiver = await receiver_factory()
-    nodes = f"amqp://guest:guest@127.0.0.1:{proxy.port}/,amqp://guest:guest@127.0.0.1:5672/"
+    nodes = f"{amqp_url(proxy.port)},{AMQP_URL}"
     cfg = make_config(names, broker={"url": nodes})
     daemon = await start_daemon(cfg)
     assert daemon.broker.connection.url.port == proxy.port
@@ -30,7 +39,7 @@ async def test_the_daemon_fails_over_to_the_next_node(
     try:
         await proxy.kill()
         deadline = time.monotonic() + 30
-        while not (daemon.health()[0] and daemon.broker.connection.url.port == 5672):
+        while not (daemon.health()[0] and daemon.broker.connection.url.port == BROKER_URL.port):
             assert time.monotonic() < deadline, "the daemon never moved to the second node"
             await asyncio.sleep(0.1)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 
 import pytest
 
@@ -12,19 +11,9 @@ from formcraftd.amqp.connection import Broker as DaemonBroker
 from formcraftd.amqp.topology import WorkerTopology
 from formcraftd.core.config import Config
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, webhook_job
+from tests.support import Broker, Names, make_config, rabbitmqctl, webhook_job
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
-
-
-async def close_all_connections() -> None:
-    await asyncio.to_thread(
-        subprocess.run,
-        ["rabbitmqctl", "-q", "close_all_connections", "formcraftd fault test"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
 
 
 async def test_a_job_whose_ack_was_lost_is_not_sent_again(
@@ -52,7 +41,7 @@ async def test_a_job_whose_ack_was_lost_is_not_sent_again(
     await receiver.wait_for(1)
     assert lost
     try:
-        await close_all_connections()
+        await rabbitmqctl.close_connections("formcraftd fault test")
     finally:
         await amqp.connection.connected.wait()
     queue = cfg.workers.webhook.queue

@@ -35,7 +35,7 @@ def chromium() -> str:
     if found is None:
         pytest.fail(
             "chromium is not installed: the status page test needs Debian's `chromium` "
-            "package (apt-get install -y chromium; .ci/run installs it)",
+            "package (sudo apt-get install chromium; `make test` run as root installs it)",
             pytrace=False,
         )
     return found

@@ -15,11 +15,28 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp import web
+from yarl import URL
 
 from formcraftd.amqp.topology import WorkerTopology, delete_topology
 from formcraftd.core import config
 
-AMQP_URL = os.environ.get("FORMCRAFTD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# Each test run works in a virtual host of its own, made and deleted by tests/conftest.py,
+# so that what the tests declare, and the connections they close, are theirs alone.
+# FORMCRAFTD_TEST_AMQP_URL names the broker and the user; its vhost is replaced.
+RUN_ID = uuid.uuid4().hex[:8]
+VHOST = f"fctest-{RUN_ID}"
+BROKER_URL = URL(os.environ.get("FORMCRAFTD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+
+
+def amqp_url(port: int | None = None) -> str:
+    """The URL of this run's virtual host; through `port` on loopback (a TcpProxy) if given."""
+    url = BROKER_URL.with_path(f"/{VHOST}")
+    if port is not None:
+        url = url.with_host("127.0.0.1").with_port(port)
+    return str(url)
+
+
+AMQP_URL = amqp_url()
 
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 
@@ -87,9 +104,9 @@ class Receiver:
 
 @dataclass
 class Names:
-    """Unique queue and exchange names for one test."""
+    """Unique queue and exchange names for one test, all starting with this run's prefix."""
 
-    prefix: str = field(default_factory=lambda: f"fctest.{uuid.uuid4().hex[:10]}")
+    prefix: str = field(default_factory=lambda: f"fctest.{RUN_ID}.{uuid.uuid4().hex[:8]}")
 
     def queue(self, kind: str) -> str:
         return f"{self.prefix}.{kind}_tasks"
@@ -160,6 +177,7 @@ class Broker:
     def __init__(self, connection: AbstractRobustConnection) -> None:
         self.connection = connection
         self._declared: list[WorkerTopology] = []
+        self._exchanges: list[str] = []
 
     async def publish(
         self,
@@ -215,21 +233,31 @@ class Broker:
             await channel.close()
 
     def track(self, cfg: config.Config) -> None:
-        """Remember the topology of `cfg` so :meth:`cleanup` deletes it."""
+        """Remember the topology of `cfg` (its events exchange too) so :meth:`cleanup`
+        deletes it."""
         for kind in config.WORKER_KINDS:
             self._declared.append(WorkerTopology.build(cfg.worker(kind), cfg.broker))
+        if cfg.events.enabled:
+            self.track_exchange(cfg.events.exchange)
+
+    def track_exchange(self, name: str) -> None:
+        """Remember an exchange a test has something else declare, so :meth:`cleanup`
+        deletes it."""
+        self._exchanges.append(name)
 
     async def cleanup(self) -> None:
         channel = await self.connection.channel()
         for topology in self._declared:
             await delete_topology(channel, topology)
+        for name in self._exchanges:
+            await channel.exchange_delete(name)
         await channel.close()
 
 
 class TcpProxy:
     """Forwards a loopback port to RabbitMQ; `kill()` makes it vanish like a dead node."""
 
-    def __init__(self, target_port: int = 5672, port: int = 0) -> None:
+    def __init__(self, target_port: int = BROKER_URL.port or 5672, port: int = 0) -> None:
         self.target_port = target_port
         self.port = port
         self._server: asyncio.Server | None = None
