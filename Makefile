@@ -135,8 +135,12 @@ chromium:
 	  $(call APT_INSTALL,chromium,the status page test needs headless Chromium); \
 	fi
 
+# In a terminal the log lines are readable ones (console), else JSON as shipped;
+# FORMCRAFTD_LOG_FORMAT set in the environment wins.
 run: venv rabbitmq
-	$(BIN)/formcraftd run --config $(CONFIG)
+	@if [ -t 1 ] && [ -z "$$FORMCRAFTD_LOG_FORMAT" ]; then export FORMCRAFTD_LOG_FORMAT=console; fi; \
+	  echo "$(BIN)/formcraftd run --config $(CONFIG)"; \
+	  exec $(BIN)/formcraftd run --config $(CONFIG)
 
 test: venv rabbitmq chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
