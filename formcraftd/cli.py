@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import logging
 import sys
 import uuid
@@ -31,6 +32,7 @@ from formcraftd.workers.email import suppression
 
 if TYPE_CHECKING:
     from formcraftd.amqp.connection import Broker
+    from formcraftd.amqp.dead_letters import ReplayFilter
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 ENQUEUE_TIMEOUT_S = 10.0
@@ -91,6 +93,19 @@ def _parser() -> argparse.ArgumentParser:
         "--yes",
         action="store_true",
         help="purge without asking (needed for purge when stdin is not a terminal)",
+    )
+    replay_only = dlq_cmd.add_argument_group(
+        "replay filters", "replay only the dead letters that match every filter given"
+    )
+    replay_only.add_argument(
+        "--since", metavar="TIME", help="failed at or after TIME (RFC 3339, or an age: 30m, 2h, 7d)"
+    )
+    replay_only.add_argument("--until", metavar="TIME", help="failed before TIME")
+    replay_only.add_argument("--error-code", metavar="CODE", help="e.g. HTTP_STATUS, TIMEOUT")
+    replay_only.add_argument("--host", metavar="HOST", help="the webhook URL's host")
+    replay_only.add_argument("--form-id", metavar="ID", help="the job's metadata.formId")
+    replay_only.add_argument(
+        "--dry-run", action="store_true", help="list what would be replayed; move nothing"
     )
     events_cmd = with_config(commands.add_parser("events", help="delivery events"))
     events_cmd.add_argument("action", choices=["tail"])
@@ -235,6 +250,15 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return _fail(f"{args.queue} is not a configured queue{hint}")
     if args.limit is not None and args.limit < 1:
         return _fail("--limit must be at least 1", EXIT_USAGE)
+    try:
+        only = _replay_filter(args)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if (only or args.dry_run) and args.action != "replay":
+        return _fail(
+            "--since, --until, --error-code, --host, --form-id and --dry-run go with dlq replay",
+            EXIT_USAGE,
+        )
     if args.action == "purge" and not args.yes:
         if not sys.stdin.isatty():
             return _fail(
@@ -245,7 +269,9 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         if not _confirmed_purge(args.queue):
             return _fail("nothing purged")
     _quiet_connection_logs()
-    result = asyncio.run(_dlq(cfg, args.action, args.queue, args.limit))
+    result = asyncio.run(
+        _dlq(cfg, args.action, args.queue, args.limit, only=only, dry_run=args.dry_run)
+    )
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK
 
@@ -263,7 +289,33 @@ def _confirmed_purge(queue: str) -> bool:
     return answer in (queue, "y", "yes")
 
 
-async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -> object:
+def _replay_filter(args: argparse.Namespace) -> ReplayFilter:
+    """The replay filters of the command line; ValueError names a bad one."""
+    from formcraftd.amqp.dead_letters import ReplayFilter, parse_when
+    from formcraftd.core.errors import ERROR_CODES
+
+    if args.error_code is not None and args.error_code not in ERROR_CODES:
+        near = difflib.get_close_matches(args.error_code.upper(), ERROR_CODES, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ValueError(f"--error-code: {args.error_code!r} is no error code{hint}")
+    return ReplayFilter(
+        since=parse_when(args.since) if args.since else None,
+        until=parse_when(args.until) if args.until else None,
+        error_code=args.error_code,
+        host=args.host,
+        form_id=args.form_id,
+    )
+
+
+async def _dlq(
+    cfg: config.Config,
+    action: str,
+    queue: str,
+    limit: int | None,
+    *,
+    only: ReplayFilter | None = None,
+    dry_run: bool = False,
+) -> object:
     from formcraftd.amqp import dead_letters
     from formcraftd.amqp.connection import Broker
     from formcraftd.amqp.topology import dead_letter_queue_name
@@ -275,7 +327,8 @@ async def _dlq(cfg: config.Config, action: str, queue: str, limit: int | None) -
         if action == "list":
             return await dead_letters.peek(channel, queue, limit or 10)
         if action == "replay":
-            return {"queue": queue, "replayed": await dead_letters.replay(channel, queue, limit)}
+            result = await dead_letters.replay(channel, queue, limit, only=only, dry_run=dry_run)
+            return result.as_json(queue)
         return {"queue": queue, "purged": await dead_letters.purge(channel, queue)}
     except aiormq.exceptions.ChannelNotFoundEntity:
         raise FormcraftError(

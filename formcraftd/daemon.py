@@ -468,11 +468,21 @@ class Daemon:
         self._consumer(queue)
         return await dead_letters.peek(await self.monitor_channel(), queue, limit)
 
-    async def dlq_replay(self, queue: str, limit: int | None) -> int:
+    async def dlq_replay(
+        self,
+        queue: str,
+        limit: int | None,
+        *,
+        only: dead_letters.ReplayFilter | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
         self._consumer(queue)
-        moved = await dead_letters.replay(await self.monitor_channel(), queue, limit)
-        log.info("replayed %d dead letters of %s", moved, queue)
-        return moved
+        result = await dead_letters.replay(
+            await self.monitor_channel(), queue, limit, only=only, dry_run=dry_run
+        )
+        if not dry_run:
+            log.info("replayed %d dead letters of %s", result.replayed, queue)
+        return result.as_json(queue)
 
     def breaker_reset(self, key: str) -> bool:
         reset = self.breakers.reset(key)

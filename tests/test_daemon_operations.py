@@ -249,7 +249,16 @@ async def test_dlq_peek_masks_secrets_and_replay_redelivers_with_tries_reset(
     assert "abc123xyz" not in json.dumps(peeked)
     assert await amqp.depth(f"dlq.{queue}") == 1  # peeking leaves it there
     receiver.behaviour = _ok
-    status, replayed = await call("POST", f"{base_url(daemon)}/admin/dlq/{queue}/replay")
+    replay = f"{base_url(daemon)}/admin/dlq/{queue}/replay"
+    status, nothing = await call("POST", f"{replay}?error_code=TIMEOUT")
+    assert (status, nothing["replayed"], nothing["scanned"]) == (200, 0, 1)
+    status, dry = await call("POST", f"{replay}?host=127.0.0.1&since=1h&dry_run=1")
+    assert (status, dry["replayed"], dry["dry_run"]) == (200, 0, True)
+    assert [letter["job_id"] for letter in dry["would_replay"]] == [job_id]
+    assert SECRET not in json.dumps(dry)
+    status, bad = await call("POST", f"{replay}?since=someday")
+    assert status == 400 and "not a time" in bad["error"]
+    status, replayed = await call("POST", f"{replay}?form_id=form-1&error_code=HTTP_STATUS")
     assert (status, replayed["replayed"]) == (200, 1)
     await receiver.wait_for(2)
     assert receiver.requests[1].headers["webhook-id"] == webhook_id(job_id, receiver.url)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from formcraftd.amqp.dead_letters import ReplayFilter, parse_when
 from formcraftd.core.errors import FormcraftError
 from formcraftd.ops.metrics import CONTENT_TYPE
 
@@ -49,7 +50,14 @@ class Control(Protocol):
 
     async def dlq_peek(self, queue: str, limit: int) -> list[dict[str, Any]]: ...
 
-    async def dlq_replay(self, queue: str, limit: int | None) -> int: ...
+    async def dlq_replay(
+        self,
+        queue: str,
+        limit: int | None,
+        *,
+        only: ReplayFilter | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]: ...
 
     def breaker_reset(self, key: str) -> bool: ...
 
@@ -169,8 +177,24 @@ async def admin_dlq_peek(request: web.Request) -> web.Response:
 
 
 async def admin_dlq_replay(request: web.Request) -> web.Response:
-    moved = await _control(request).dlq_replay(request.match_info["queue"], _limit(request, None))
-    return web.json_response({"queue": request.match_info["queue"], "replayed": moved})
+    """Replay dead letters; `since`, `until`, `error_code`, `host`, `form_id`,
+    `dry_run` in the query string select them as `formcraftd dlq replay` does."""
+    query = request.query
+    try:
+        only = ReplayFilter(
+            since=parse_when(query["since"]) if "since" in query else None,
+            until=parse_when(query["until"]) if "until" in query else None,
+            error_code=query.get("error_code"),
+            host=query.get("host"),
+            form_id=query.get("form_id"),
+        )
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    dry_run = query.get("dry_run", "").lower() in ("1", "true", "yes")
+    result = await _control(request).dlq_replay(
+        request.match_info["queue"], _limit(request, None), only=only, dry_run=dry_run
+    )
+    return web.json_response(result)
 
 
 async def admin_breaker_reset(request: web.Request) -> web.Response:
