@@ -337,6 +337,10 @@ do_uninstall() {
 main() {
 	parse_args "$@"
 	[[ $(id -u) == 0 ]] || die "run it as root (sudo)"
+	# One install.sh at a time on a prefix: two would race on the symlinks.
+	mkdir -p "$ROOT_PREFIX"
+	exec 9>"$ROOT_PREFIX/.lock"
+	flock --nonblock 9 || die "another install.sh is running on $PREFIX"
 	case $ACTION in
 	install) do_install ;;
 	rollback) do_rollback ;;
