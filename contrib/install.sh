@@ -271,6 +271,14 @@ do_install() {
 	install_config
 	install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$DESTDIR$STATEDIR"
 
+	# A kept config that the new release refuses would stop the service at its
+	# restart (exit 1, not restarted): leave current as it is instead.
+	if ! STATE_DIRECTORY=$STATEDIR "$target/bin/formcraftd" check-config \
+		--config "$DESTDIR$CONFDIR/config.toml" >/dev/null; then
+		rm -f "$target/.complete"
+		die "release $release refuses $CONFDIR/config.toml (see above); nothing switched"
+	fi
+
 	local current
 	current=$(readlink "$ROOT_PREFIX/current" || true)
 	if [[ -n $current && $current != "releases/$release" ]]; then

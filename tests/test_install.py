@@ -39,6 +39,7 @@ class Installed:
 
     root: Path
     user: str
+    python: str
     first: str
     second: str
 
@@ -61,14 +62,18 @@ class Installed:
     def current(self) -> str:
         return os.readlink(self.prefix / "current")
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """contrib/install.sh with this root and user; fails the test on a non-zero exit."""
-        result = subprocess.run(
+    def attempt(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """contrib/install.sh with this root and user, whatever its exit status."""
+        return subprocess.run(
             [str(INSTALL_SH), *args, "--destdir", str(self.root), "--user", self.user],
             capture_output=True,
             text=True,
             check=False,
         )
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """contrib/install.sh with this root and user; fails the test on a non-zero exit."""
+        result = self.attempt(*args)
         assert result.returncode == 0, f"install.sh {' '.join(args)}:\n{result.stderr[-3000:]}"
         return result
 
@@ -115,13 +120,13 @@ def installed() -> Iterator[Installed]:
         python = _usable_python(root)
         if python is None:
             pytest.skip("no Python >= 3.11 with venv that an unprivileged user can run")
-        base = Installed(root, user, "", "")
+        base = Installed(root, user, python, "", "")
         base.run("install", "--python", python)
         first = base.current()
         with (base.confdir / "config.toml").open("a", encoding="utf-8") as config_file:
             config_file.write(EDIT)
         base.run("install", "--python", python)
-        yield Installed(root, user, first, base.current())
+        yield Installed(root, user, python, first, base.current())
     finally:
         subprocess.run(["userdel", user], capture_output=True, check=False)
         subprocess.run(["groupdel", user], capture_output=True, check=False)
@@ -233,6 +238,23 @@ def test_rollback_switches_current_back_and_a_second_rollback_undoes_it(
     assert os.readlink(installed.prefix / "previous") == installed.second
     installed.run("rollback")
     assert installed.current() == installed.second
+
+
+def test_upgrade_refused_by_the_kept_config_switches_nothing(installed: Installed) -> None:
+    """An install whose release rejects the kept config.toml fails and leaves current as it was."""
+    config_path = installed.confdir / "config.toml"
+    kept = config_path.read_bytes()
+    releases = sorted((installed.prefix / "releases").iterdir())
+    config_path.write_bytes(kept + b"\nno_such_key = 1\n")  # in the last table
+    try:
+        result = installed.attempt("install", "--python", installed.python)
+    finally:
+        config_path.write_bytes(kept)
+    assert result.returncode == 1
+    assert "no_such_key" in result.stderr
+    assert "nothing switched" in result.stderr
+    assert installed.current() == installed.second
+    assert sorted((installed.prefix / "releases").iterdir()) == releases
 
 
 # The uninstall tests remove the install, so they run last (pytest keeps file order).
