@@ -6,50 +6,61 @@ shopt -s nullglob inherit_errexit
 
 usage() {
 	cat <<'EOF'
-Usage: contrib/install.sh [install|rollback|uninstall] [options]   (as root)
+Usage: contrib/install.sh [install|upgrade|rollback|uninstall] [options]   (as root)
 
-  install     Build a wheel of this checkout and install it in a new virtualenv
-              under PREFIX/releases/, from requirements/runtime.txt (exact versions,
-              pip --require-hashes); switch PREFIX/current to it and keep the
-              release it replaces as PREFIX/previous. Creates the service user, the
-              config folder, the state folder and the unit. Re-running it upgrades
-              in place: an existing config.toml is kept (the shipped one is put
-              beside it as config.toml.new when they differ), a running service
-              is restarted.
-  rollback    Switch PREFIX/current back to PREFIX/previous (and previous to the
-              release it replaced, so a second rollback undoes the first); put
-              that release's unit back; restart the service if it runs.
-  uninstall   Stop and disable the service, remove the unit and PREFIX.
-              Keeps the config, the state and the user; --purge removes the
-              config folder and the state folder too (the user stays: files
-              elsewhere may still belong to it; `userdel formcraftd` removes it).
+  install     Build a wheel of this checkout and install it, with exactly the
+  (upgrade)   versions and hashes of requirements/runtime.txt (pip --require-hashes),
+              in a new virtualenv PREFIX/releases/<version>-<UTC time>/. Create
+              the service user and group (system, no login, home STATEDIR) when
+              missing, CONFDIR (root:USER 0750) with config.toml and env
+              (root:USER 0640; installed only when missing), STATEDIR (USER 0750)
+              and the unit. Then check the config with the new release
+              (`formcraftd check-config`; when it is refused nothing is switched),
+              point PREFIX/current at the new release and PREFIX/previous at the
+              one it replaces (older releases are removed), and restart the
+              service if it runs. Re-running it upgrades in place: an existing
+              config.toml and env are kept (their owner and mode are set as
+              above); the shipped config.toml goes beside it as config.toml.new
+              when they differ.
+  rollback    Point PREFIX/current back at PREFIX/previous (and previous at the
+              release it replaced, so a second rollback undoes the first), put
+              that release's unit back and restart the service if it runs.
+  uninstall   Stop and disable the service, remove the unit and PREFIX. The
+              config, the state and the user stay; --purge removes CONFDIR and
+              STATEDIR too (the user stays, files elsewhere may be its own:
+              `userdel formcraftd` removes it).
 
 Options (defaults in brackets):
-  --destdir DIR     install under DIR instead of / (env DESTDIR) [empty]; the
-                    virtualenv is built at its place inside DIR, so its scripts
-                    run from there (this is for tests and inspection, not for
-                    copying the tree elsewhere); the user is created on this
-                    system and systemctl is not called
+  --destdir DIR     install under DIR instead of / (env DESTDIR) [empty]. The
+                    unit still names the real paths, the virtualenv is built at
+                    its place inside DIR (its scripts run from there: for tests
+                    and inspection, not for copying elsewhere), the user is
+                    created on this system and systemctl is not called.
   --prefix DIR      where the releases live [/opt/formcraftd]
   --confdir DIR     the config folder [/etc/formcraftd]
-  --statedir DIR    the state folder, under /var/lib (systemd's StateDirectory=)
-                    [/var/lib/formcraftd]
-  --unitdir DIR     where the unit goes [/etc/systemd/system]
-  --user NAME       the service user and group, created when missing [formcraftd]
-  --python PATH     the Python (3.11 or newer) of the virtualenv [python3]
+  --statedir DIR    the state folder, under /var/lib (the unit's StateDirectory=;
+                    systemd passes it to the daemon as STATE_DIRECTORY, which
+                    sets workers.email.state_dir) [/var/lib/formcraftd]
+  --unitdir DIR     where formcraftd.service goes [/etc/systemd/system]
+  --user NAME       the service user and group [formcraftd]
+  --python PATH     the Python of the virtualenv: 3.11 or newer, with venv, and
+                    outside /root and /home (the unit has ProtectHome=yes) [python3]
   --purge           uninstall: remove the config and the state too
   -h, --help        this text
 
-Needs: Python >= 3.11 with the venv module and ensurepip (Debian/Ubuntu:
-`apt install python3-venv`), useradd, and pip's access to the package index
-(or a local wheel cache in pip's configuration).
+Needs: Python 3.11 or newer with its venv module (Debian 12, Ubuntu 24.04:
+`apt install python3-venv`; where python3 is older, install a newer Python
+with its venv module and pass --python), and pip's access to the package index
+(or to a mirror in /etc/pip.conf).
 
 Examples:
-  sudo make install                 # or: sudo contrib/install.sh install
+  sudo make install                       # or: sudo contrib/install.sh install
+  sudoedit /etc/formcraftd/config.toml /etc/formcraftd/env
   sudo systemctl enable --now formcraftd
-  git pull && sudo make install     # upgrade; the config stays
-  sudo make rollback                # back to the previous release
-  sudo make uninstall               # PURGE=1 to remove config and state too
+  git pull && sudo make install           # upgrade; the config stays
+  sudo make rollback                      # back to the previous release
+  sudo make uninstall                     # PURGE=1: config and state too
+  sudo make install INSTALL_ARGS="--python /usr/bin/python3.12"
 EOF
 }
 
