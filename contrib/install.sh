@@ -202,18 +202,26 @@ install_unit_of() {
 	fi
 }
 
+# The shipped config with state_dir set to STATEDIR: the daemon gets the same
+# folder from the unit (STATE_DIRECTORY), and `formcraftd suppression ...` run
+# from a shell finds the service's list too.
+render_config() {
+	sed -e "s|^state_dir = \"\./var\" *#|state_dir = \"$STATEDIR\"  #|" "$SRC/config.toml"
+}
+
 install_config() {
-	local conf=$DESTDIR$CONFDIR
+	local conf=$DESTDIR$CONFDIR shipped=$WORK/config.toml
+	render_config >"$shipped"
 	install -d -m 0750 -o root -g "$SERVICE_USER" "$conf"
 	if [[ -e $conf/config.toml ]]; then
-		if cmp -s "$SRC/config.toml" "$conf/config.toml"; then
+		if cmp -s "$shipped" "$conf/config.toml"; then
 			rm -f "$conf/config.toml.new"
 		else
-			install -m 0640 -o root -g "$SERVICE_USER" "$SRC/config.toml" "$conf/config.toml.new"
+			install -m 0640 -o root -g "$SERVICE_USER" "$shipped" "$conf/config.toml.new"
 			say "kept $CONFDIR/config.toml; the shipped one is $CONFDIR/config.toml.new"
 		fi
 	else
-		install -m 0640 -o root -g "$SERVICE_USER" "$SRC/config.toml" "$conf/config.toml"
+		install -m 0640 -o root -g "$SERVICE_USER" "$shipped" "$conf/config.toml"
 		say "installed $CONFDIR/config.toml (edit it, then: formcraftd check-config)"
 	fi
 	if [[ ! -e $conf/env ]]; then

@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import secrets
 import shutil
 import stat
@@ -183,10 +184,34 @@ def test_the_config_is_not_readable_by_others(installed: Installed) -> None:
 def test_upgrade_keeps_the_edited_config_and_ships_the_new_one_beside_it(
     installed: Installed,
 ) -> None:
-    """The second install keeps config.toml as edited and puts the shipped file in .new."""
+    """The second install keeps config.toml as edited; the shipped one (state_dir set) is .new."""
     assert (installed.confdir / "config.toml").read_text(encoding="utf-8").endswith(EDIT)
     shipped = (REPO / "config.toml").read_text(encoding="utf-8")
-    assert (installed.confdir / "config.toml.new").read_text(encoding="utf-8") == shipped
+    new = (installed.confdir / "config.toml.new").read_text(encoding="utf-8")
+    rendered = re.sub(
+        r'^state_dir = "\./var" *#', 'state_dir = "/var/lib/formcraftd"  #', shipped, flags=re.M
+    )
+    assert rendered != shipped
+    assert new == rendered
+
+
+def test_installed_config_names_the_state_folder_for_commands_run_from_a_shell(
+    installed: Installed,
+) -> None:
+    """Without STATE_DIRECTORY (an operator's shell), state_dir is still /var/lib/formcraftd."""
+    result = subprocess.run(
+        [
+            str(installed.prefix / "current" / "bin" / "formcraftd"),
+            "check-config",
+            "--config",
+            str(installed.confdir / "config.toml"),
+        ],
+        capture_output=True,
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["workers"]["email"]["state_dir"] == "/var/lib/formcraftd"
 
 
 def test_upgrade_switches_current_and_keeps_the_previous_release(installed: Installed) -> None:
