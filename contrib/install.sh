@@ -243,6 +243,15 @@ EOF
 	done
 }
 
+# A config that a release refuses would stop the service at its restart (exit 1,
+# which the unit does not restart): check it before switching to that release,
+# in the environment the unit gives (the secrets of env are not read here).
+config_accepted_by() {
+	env -i PATH=/usr/bin:/bin STATE_DIRECTORY="$STATEDIR" \
+		"$ROOT_PREFIX/$1/bin/formcraftd" check-config --config "$DESTDIR$CONFDIR/config.toml" \
+		>/dev/null
+}
+
 WORK=
 TARGET=
 # The build folder goes, and so does a release whose install did not complete.
@@ -290,10 +299,7 @@ do_install() {
 	install_config
 	install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$DESTDIR$STATEDIR"
 
-	# A kept config that the new release refuses would stop the service at its
-	# restart (exit 1, not restarted): leave current as it is instead.
-	if ! STATE_DIRECTORY=$STATEDIR "$target/bin/formcraftd" check-config \
-		--config "$DESTDIR$CONFDIR/config.toml" >/dev/null; then
+	if ! config_accepted_by "releases/$release"; then
 		rm -f "$target/.complete"
 		die "release $release refuses $CONFDIR/config.toml (see above); nothing switched"
 	fi
@@ -333,6 +339,8 @@ do_rollback() {
 	previous=$(readlink "$ROOT_PREFIX/previous" || true)
 	[[ -n $previous && -e $ROOT_PREFIX/$previous/.complete ]] ||
 		die "no previous release to roll back to in $PREFIX"
+	config_accepted_by "$previous" ||
+		die "release ${previous#releases/} refuses $CONFDIR/config.toml (see above); nothing switched"
 	switch_link "$ROOT_PREFIX/current" "$previous"
 	if [[ -n $current ]]; then
 		switch_link "$ROOT_PREFIX/previous" "$current"

@@ -265,20 +265,25 @@ def test_rollback_switches_current_back_and_a_second_rollback_undoes_it(
     assert installed.current() == installed.second
 
 
-def test_upgrade_refused_by_the_kept_config_switches_nothing(installed: Installed) -> None:
-    """An install whose release rejects the kept config.toml fails and leaves current as it was."""
+def test_install_and_rollback_refused_by_the_kept_config_switch_nothing(
+    installed: Installed,
+) -> None:
+    """A release that rejects the kept config.toml is not switched to, by install or rollback."""
     config_path = installed.confdir / "config.toml"
     kept = config_path.read_bytes()
     releases = sorted((installed.prefix / "releases").iterdir())
     config_path.write_bytes(kept + b"\nno_such_key = 1\n")  # in the last table
     try:
-        result = installed.attempt("install", "--python", installed.python)
+        upgrade = installed.attempt("install", "--python", installed.python)
+        rollback = installed.attempt("rollback")
     finally:
         config_path.write_bytes(kept)
-    assert result.returncode == 1
-    assert "no_such_key" in result.stderr
-    assert "nothing switched" in result.stderr
+    for result in (upgrade, rollback):
+        assert result.returncode == 1
+        assert "no_such_key" in result.stderr
+        assert "nothing switched" in result.stderr
     assert installed.current() == installed.second
+    assert os.readlink(installed.prefix / "previous") == installed.first
     assert sorted((installed.prefix / "releases").iterdir()) == releases
 
 
