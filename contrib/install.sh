@@ -23,8 +23,10 @@ Usage: contrib/install.sh [install|upgrade|rollback|uninstall] [options]   (as r
               above); the shipped config.toml goes beside it as config.toml.new
               when they differ.
   rollback    Point PREFIX/current back at PREFIX/previous (and previous at the
-              release it replaced, so a second rollback undoes the first), put
-              that release's unit back and restart the service if it runs.
+              release it replaced, so a second rollback undoes the first) when
+              that release accepts the config, put its unit back and restart
+              the service if it runs. The next install replaces the release
+              rolled back from.
   uninstall   Stop and disable the service, remove the unit and PREFIX. The
               config, the state and the user stay; --purge removes CONFDIR and
               STATEDIR too (the user stays, files elsewhere may be its own:
