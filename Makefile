@@ -201,3 +201,26 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# --- Service install on a Debian/Ubuntu VM (as root; contrib/install.sh --help) ---
+# `make install` builds a wheel of this checkout and installs it, from
+# requirements/runtime.txt, in a new virtualenv under /opt/formcraftd/releases/,
+# switches /opt/formcraftd/current to it, and sets up the user, /etc/formcraftd,
+# /var/lib/formcraftd and the unit. Re-running it upgrades and keeps the config;
+# `make rollback` goes back to the previous release; `make uninstall` keeps the
+# config and the state (PURGE=1 removes them). DESTDIR=/some/root installs there;
+# INSTALL_ARGS passes more options (--user, --python, --prefix, ...).
+DESTDIR ?=
+PURGE ?=
+INSTALL_ARGS ?=
+INSTALL_SH = contrib/install.sh --destdir "$(DESTDIR)" $(INSTALL_ARGS)
+
+.PHONY: install upgrade rollback uninstall
+install upgrade:
+	$(INSTALL_SH) install
+
+rollback:
+	$(INSTALL_SH) rollback
+
+uninstall:
+	$(INSTALL_SH) uninstall $(if $(PURGE),--purge)

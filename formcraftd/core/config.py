@@ -230,6 +230,10 @@ _ENV_KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "SMTP_PASSWORD": (("workers", "email", "smtp_password"), str),
     "GOOGLE_CLIENT_ID": (("workers", "sheets", "client_id"), str),
     "GOOGLE_CLIENT_SECRET": (("workers", "sheets", "client_secret"), str),
+    # Set by systemd for a unit with StateDirectory= (the shipped unit: /var/lib/formcraftd,
+    # its only writable folder under ProtectSystem=strict), so the unit decides where the
+    # state lives and the shipped "./var" serves a checkout.
+    "STATE_DIRECTORY": (("workers", "email", "state_dir"), Path),
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -247,6 +251,9 @@ def _env_value(name: str, raw: str, kind: type) -> object:
             return int(raw.strip())
         except ValueError:
             raise ConfigError(f"environment {name}: expected an integer, got {raw!r}") from None
+    if kind is Path:
+        # systemd joins several StateDirectory= folders with ":"; the first is ours.
+        return raw.split(":", 1)[0]
     return raw
 
 
@@ -273,8 +280,9 @@ def debug_workers(debug: str) -> tuple[str, ...]:
 
 def apply_environment(doc: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, (path, kind) in _ENV_KEYS.items():
-        if name in environ:
-            _set_path(doc, path, _env_value(name, environ[name], kind))
+        if name not in environ or (kind is Path and not environ[name]):
+            continue  # an empty folder list leaves the key alone
+        _set_path(doc, path, _env_value(name, environ[name], kind))
     if environ.get("DEBUG"):
         _set_path(doc, ("logging", "debug_workers"), list(debug_workers(environ["DEBUG"])))
 

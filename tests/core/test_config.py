@@ -195,6 +195,7 @@ def test_shipped_config_commented_keys_are_valid(tmp_path: Path) -> None:
         ("SMTP_PASSWORD", "hunter2", "workers.email.smtp_password", "hunter2"),
         ("GOOGLE_CLIENT_ID", "cid.apps", "workers.sheets.client_id", "cid.apps"),
         ("GOOGLE_CLIENT_SECRET", "csecret", "workers.sheets.client_secret", "csecret"),
+        ("STATE_DIRECTORY", "/var/lib/fcd", "workers.email.state_dir", "/var/lib/fcd"),
         ("DEBUG", "workers:*", "logging.debug_workers", ("*",)),
         ("DEBUG", "workers:webhook", "logging.debug_workers", ("webhook",)),
         ("DEBUG", "workers:webhook,workers:email", "logging.debug_workers", ("webhook", "email")),
@@ -239,6 +240,18 @@ def test_process_environment_is_used_by_default(
     monkeypatch.setenv("EMAIL_WORKER_CONCURRENCY", "8")
     loaded = config.load(write_config(tmp_path, ""))
     assert loaded.workers.email.concurrency == 8
+
+
+def test_state_directory_takes_the_first_of_several_folders(tmp_path: Path) -> None:
+    """systemd's colon-separated STATE_DIRECTORY list: the first folder is the state_dir."""
+    loaded = load_text(tmp_path, "", {"STATE_DIRECTORY": "/var/lib/formcraftd:/var/lib/other"})
+    assert loaded.workers.email.state_dir == "/var/lib/formcraftd"
+
+
+def test_empty_state_directory_keeps_the_file_value(tmp_path: Path) -> None:
+    """An empty STATE_DIRECTORY names no folder, so state_dir stays as the file says."""
+    loaded = load_text(tmp_path, "[workers.email]\nstate_dir = './var'\n", {"STATE_DIRECTORY": ""})
+    assert loaded.workers.email.state_dir == str(tmp_path / "var")
 
 
 @pytest.mark.parametrize(
