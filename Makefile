@@ -9,6 +9,7 @@
 #   make test-lowest             the tests against the lowest versions pyproject.toml allows
 #   make lock | lock-upgrade     recompile requirements/*.txt (keep pins | newest allowed)
 #   make bench | lint | clean | distclean
+#   make install | rollback | uninstall   as root: the service on this VM (see README)
 
 PYTHON ?= python3
 VENV := .venv
