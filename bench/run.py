@@ -8,13 +8,15 @@ In order, each in its own process so that one failure does not stop the rest:
    from step 1, formcraftd and the bare consumer alternated, medians;
 3. memory.py: formcraftd's peak RSS while draining 100,000 queued jobs;
 4. startup.py: exec to READY=1, median of 5;
-5. bench_email.py and bench_sheets.py with short settings.
+5. bench_email.py and bench_sheets.py with short settings;
+6. instances.py: one and two formcraftd processes (and bare consumers) on one
+   queue, as the systemd template runs them on one VM.
 
 The combined table is printed at the end and written, with the machine and
 the per-round figures, to bench/results/latest.md.
 
     python bench/run.py [--quick] [--rounds N]
-        [--only throughput,latency,memory,startup,email,sheets]
+        [--only throughput,latency,memory,startup,email,sheets,instances]
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-STEPS = ("throughput", "latency", "memory", "startup", "email", "sheets")
+STEPS = ("throughput", "latency", "memory", "startup", "email", "sheets", "instances")
 MB = 1_000_000 / 1024 / 1024  # MiB per MB
 
 
@@ -322,6 +324,26 @@ def sheets(run: Run, args: argparse.Namespace) -> None:
         )
 
 
+def instances(run: Run, args: argparse.Namespace) -> None:
+    argv = ["--jobs", str(args.jobs), "--rounds", str(args.rounds), "--concurrency", "64"]
+    found = step(run, "Processes on one queue", "instances.py", argv, timeout=1200)
+    if found is None:
+        return
+    _, data = found
+    medians, cpu = data["medians"], data["cpu_medians"]
+    for index, (name, rate) in enumerate(medians.items()):
+        single = medians[name.replace("x2", "x1")]
+        run.rows.append(
+            Row(
+                "Processes on one queue" if index == 0 else "",
+                f"{name} (as shipped), {data['jobs']:,} jobs, concurrency 64 each, "
+                f"{_rounds(data['rounds'])}",
+                f"{rate:,.0f} jobs/s = {rate / single:.2f}x one process "
+                f"({cpu[name]:.0f} µs CPU/job, all processes)",
+            )
+        )
+
+
 STEP_FUNCTIONS: dict[str, Callable[[Run, argparse.Namespace], None]] = {
     "throughput": throughput,
     "latency": latency,
@@ -329,6 +351,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Run, argparse.Namespace], None]] = {
     "startup": startup,
     "email": email,
     "sheets": sheets,
+    "instances": instances,
 }
 
 

@@ -85,6 +85,8 @@ SERVICE_USER=formcraftd
 PYTHON=python3
 PURGE=no
 UNIT=formcraftd.service
+# The template for several daemons on one VM (formcraftd@9801, ...; docs/scaling.md).
+TEMPLATE=formcraftd@.service
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 parse_args() {
@@ -126,6 +128,9 @@ restart_if_active() {
 	if have_systemd && systemctl is-active --quiet "$UNIT"; then
 		say "restarting $UNIT"
 		systemctl restart "$UNIT"
+	fi
+	if have_systemd; then # running instances of the template, if any
+		systemctl try-restart 'formcraftd@*.service'
 	fi
 }
 
@@ -181,13 +186,14 @@ build_wheel() {
 
 # The shipped unit with this install's paths and user.
 render_unit() {
+	local unit=$1
 	sed -e "s|/opt/formcraftd|$PREFIX|g" \
 		-e "s|/etc/formcraftd|$CONFDIR|g" \
 		-e "s|/var/lib/formcraftd|$STATEDIR|g" \
 		-e "s|^StateDirectory=.*|StateDirectory=${STATEDIR#/var/lib/}|" \
 		-e "s|^User=.*|User=$SERVICE_USER|" \
 		-e "s|^Group=.*|Group=$SERVICE_USER|" \
-		"$SRC/systemd/$UNIT"
+		"$SRC/systemd/$unit"
 }
 
 # Points the symlink $1 at $2 (relative, so it holds inside DESTDIR too) in one rename.
@@ -198,7 +204,12 @@ switch_link() {
 
 install_unit_of() {
 	local release=$1
-	install -D -m 0644 "$ROOT_PREFIX/$release/share/formcraftd/$UNIT" "$DESTDIR$UNITDIR/$UNIT"
+	local unit
+	for unit in "$UNIT" "$TEMPLATE"; do
+		# A release from before the template has only the plain unit.
+		[[ -f $ROOT_PREFIX/$release/share/formcraftd/$unit ]] || continue
+		install -D -m 0644 "$ROOT_PREFIX/$release/share/formcraftd/$unit" "$DESTDIR$UNITDIR/$unit"
+	done
 	if have_systemd; then
 		systemctl daemon-reload
 	fi
@@ -294,8 +305,11 @@ do_install() {
 	"$target/bin/formcraftd" --version >/dev/null
 	install -D -m 0644 "$SRC/README.md" "$target/share/doc/formcraftd/README.md"
 	install -D -m 0644 "$SRC/config.toml" "$target/share/doc/formcraftd/config.toml"
-	render_unit >"$WORK/$UNIT"
-	install -D -m 0644 "$WORK/$UNIT" "$target/share/formcraftd/$UNIT"
+	local unit
+	for unit in "$UNIT" "$TEMPLATE"; do
+		render_unit "$unit" >"$WORK/$unit"
+		install -D -m 0644 "$WORK/$unit" "$target/share/formcraftd/$unit"
+	done
 	touch "$target/.complete"
 
 	install_config
@@ -354,9 +368,9 @@ do_rollback() {
 
 do_uninstall() {
 	if have_systemd; then
-		systemctl disable --now "$UNIT" 2>/dev/null || true
+		systemctl disable --now "$UNIT" 'formcraftd@*.service' 2>/dev/null || true
 	fi
-	rm -f "$DESTDIR$UNITDIR/$UNIT"
+	rm -f "$DESTDIR$UNITDIR/$UNIT" "$DESTDIR$UNITDIR/$TEMPLATE"
 	if have_systemd; then
 		systemctl daemon-reload
 	fi

@@ -237,21 +237,30 @@ def test_unit_runs_the_current_release_as_the_service_user(installed: Installed)
     assert (installed.root / documentation.lstrip("/")).is_file()
 
 
-def test_installed_unit_passes_systemd_analyze_verify(installed: Installed, tmp_path: Path) -> None:
-    """`systemd-analyze verify` accepts the unit, with ExecStart pointed into the scratch root."""
+@pytest.mark.parametrize(
+    ("installed_name", "verified_name"),
+    [
+        ("formcraftd.service", "formcraftd.service"),
+        ("formcraftd@.service", "formcraftd@9801.service"),
+    ],
+)
+def test_installed_units_pass_systemd_analyze_verify(
+    installed: Installed, tmp_path: Path, installed_name: str, verified_name: str
+) -> None:
+    """`systemd-analyze verify` accepts the unit and an instance of the template, with
+    ExecStart pointed into the scratch root."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     # verify checks that ExecStart exists; the binary lives under the scratch root here.
-    text = installed.unit.read_text(encoding="utf-8").replace(
-        "ExecStart=/opt/", f"ExecStart={installed.root}/opt/"
-    )
-    unit = tmp_path / "formcraftd.service"
+    text = (installed.unit.parent / installed_name).read_text(encoding="utf-8")
+    text = text.replace("ExecStart=/opt/", f"ExecStart={installed.root}/opt/")
+    unit = tmp_path / verified_name
     unit.write_text(text, encoding="utf-8")
     result = subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "formcraftd.service" not in result.stderr, result.stderr
+    assert "formcraftd" not in result.stderr, result.stderr
 
 
 def test_rollback_switches_current_back_and_a_second_rollback_undoes_it(
@@ -295,6 +304,7 @@ def test_uninstall_removes_the_code_and_keeps_config_and_state(installed: Instal
     installed.run("uninstall")
     assert not installed.prefix.exists()
     assert not installed.unit.exists()
+    assert not (installed.unit.parent / "formcraftd@.service").exists()
     assert (installed.confdir / "config.toml").read_text(encoding="utf-8").endswith(EDIT)
     assert installed.statedir.is_dir()
 

@@ -219,6 +219,8 @@ _SECRET_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
 _ENV_KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "RABBITMQ_URL": (("broker", "url"), str),
     "FORMCRAFTD_ADMIN_TOKEN": (("http", "admin_token"), str),
+    "FORMCRAFTD_HTTP_HOST": (("http", "host"), str),
+    "FORMCRAFTD_HTTP_PORT": (("http", "port"), int),
     "SENTRY_DSN": (("logging", "sentry_dsn"), str),
     "FORMCRAFTD_LOG_FORMAT": (("logging", "format"), str),
     "FORMCRAFTD_LOG_LEVEL": (("logging", "level"), str),

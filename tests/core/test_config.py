@@ -180,6 +180,10 @@ def test_shipped_config_commented_keys_are_valid(tmp_path: Path) -> None:
     [
         ("RABBITMQ_URL", "amqp://u:p@rabbit:5673/vh", "broker.url", "amqp://u:p@rabbit:5673/vh"),
         ("FORMCRAFTD_ADMIN_TOKEN", "t0ken", "http.admin_token", "t0ken"),
+        ("FORMCRAFTD_HTTP_HOST", "0.0.0.0", "http.host", "0.0.0.0"),
+        ("FORMCRAFTD_HTTP_PORT", "9801", "http.port", 9801),
+        ("FORMCRAFTD_LOG_FORMAT", "console", "logging.format", "console"),
+        ("FORMCRAFTD_LOG_LEVEL", "warning", "logging.level", "warning"),
         (
             "SENTRY_DSN",
             "https://k@sentry.example/1",
