@@ -121,11 +121,14 @@ class Monitor:
             while True:
                 try:
                     await self.poll_depths()
-                    if self.config.enabled and time.monotonic() >= self._next_check:
-                        self._next_check = time.monotonic() + self.config.interval_ms / 1000
-                        self.check()
                 except Exception as exc:
-                    log.warning("monitoring check failed: %s", exc)
+                    log.warning("reading the queue depths failed: %s", exc)
+                if self.config.enabled and time.monotonic() >= self._next_check:
+                    self._next_check = time.monotonic() + self.config.interval_ms / 1000
+                    try:
+                        self.check()
+                    except Exception as exc:
+                        log.warning("monitoring check failed: %s", exc)
                 self._wake.clear()
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
                 # cancellation that lands as the wait completes (a reload's wake-up
