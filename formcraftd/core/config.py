@@ -104,6 +104,8 @@ class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 Concurrency = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+# AMQP priorities are an octet; RabbitMQ recommends at most 10 levels.
+MaxPriority = Annotated[int, msgspec.Meta(ge=0, le=255)]
 
 
 class _WorkerBase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -113,6 +115,8 @@ class _WorkerBase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     enabled: bool = True
     retry: RetryConfig = RetryConfig()
     dead_letter_ttl_ms: TtlMs | None = None
+    # x-max-priority of the main queue (classic queues); 0 = no priorities
+    max_priority: MaxPriority = 0
 
 
 class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
