@@ -17,11 +17,8 @@ One job is one message to its recipients:
    the mail twice. Every recipient refused with 5xx is ``RECIPIENT_REJECTED``.
 
 With `unsubscribe_url` set, every message carries RFC 8058's `List-Unsubscribe`
-and `List-Unsubscribe-Post`. When the URL names the `{recipient}`, a job for
-several recipients sends each their own copy (one transaction each, in turn):
-one message with one recipient's link would let the others unsubscribe them.
-A copy refused for good after RCPT leaves the others to go on; a connection
-lost after some copies went out retries only the recipients still waiting.
+and `List-Unsubscribe-Post`; when the URL names the `{recipient}`, each
+recipient gets a copy of their own (:mod:`.copies`).
 
 Connection problems and 4xx replies to MAIL or DATA are retryable; refused
 credentials are permanent (``AUTH_REVOKED``) and logged as an alert.
@@ -34,7 +31,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.headerregistry import Address
 from typing import TYPE_CHECKING
 
@@ -46,6 +43,13 @@ from formcraftd.core.events import Emit
 from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import EmailJob
 from formcraftd.workers.email import mime
+from formcraftd.workers.email.copies import (
+    Copy,
+    SentCopies,
+    copy_per_recipient,
+    send_copies,
+    unsubscribe_link,
+)
 from formcraftd.workers.email.render_threads import RenderThreads, RenderThreadsBusy
 from formcraftd.workers.email.smtp_pool import (
     IDLE_TIMEOUT_S,
@@ -129,25 +133,6 @@ class _Recipient:
         return self.address.addr_spec
 
 
-@dataclass(frozen=True, slots=True)
-class _Copy:
-    """One message and the recipients it goes to (all of them, or one)."""
-
-    recipients: Sequence[_Recipient]
-    message: bytes
-
-
-@dataclass(slots=True)
-class _Sent:
-    """What the SMTP server made of a job's copies, by envelope address."""
-
-    accepted: list[str] = field(default_factory=list)
-    refused: dict[str, tuple[int, str]] = field(default_factory=dict)  # at RCPT
-    undelivered: dict[str, tuple[int | None, str]] = field(default_factory=dict)  # after RCPT
-    interrupted: RetryLater | None = None  # why the copies to `unsent` did not go
-    unsent: set[str] = field(default_factory=set)
-
-
 class EmailHandler:
     """Delivers email jobs through a pool of kept-open SMTP connections."""
 
@@ -226,7 +211,12 @@ class EmailHandler:
         recipients = self._unsuppressed(_recipients(job), ctx)
         copies = await self._messages(job, ctx, recipients, settings, renderer)
         started = time.monotonic()
-        sent = await self._send(ctx, copies, settings)
+        sent = await send_copies(
+            self.pool,
+            settings.envelope_sender(ctx.job_id),
+            copies,
+            functools.partial(_failure, settings=settings),
+        )
         log.debug(
             "job %s: %d accepted, %d refused by %s in %.0f ms (attempt %d)",
             ctx.job_id,
@@ -238,35 +228,6 @@ class EmailHandler:
             extra={"queue": ctx.queue, "job_id": ctx.job_id},
         )
         await self._judge(job, ctx, recipients, sent)
-
-    async def _send(self, ctx: JobContext, copies: list[_Copy], settings: _Settings) -> _Sent:
-        """Send the copies in turn; a failure before any went out is the job's fate."""
-        sender = settings.envelope_sender(ctx.job_id)
-        sent = _Sent()
-        for index, copy in enumerate(copies):
-            envelopes = [r.envelope for r in copy.recipients]
-            try:
-                replies = await self.pool.send(sender, envelopes, copy.message)
-            except SmtpError as exc:
-                failure = _failure(exc, settings)
-                refused_copy = isinstance(failure, PermanentFailure) and not exc.auth
-                if len(copies) == 1 or (index == 0 and not refused_copy):
-                    raise failure from None  # nothing went out: the job's fate as a whole
-                if isinstance(failure, RetryLater):  # only the copies not sent go again
-                    sent.interrupted = failure
-                    sent.unsent = {r.envelope for later in copies[index:] for r in later.recipients}
-                    break
-                if exc.auth and not sent.accepted:
-                    raise failure from None
-                for lost in copies[index:] if exc.auth else [copy]:
-                    for recipient in lost.recipients:
-                        sent.undelivered[recipient.envelope] = (exc.status, exc.reason)
-                if exc.auth:
-                    break
-                continue
-            sent.accepted.extend(replies.accepted)
-            sent.refused.update(replies.refused)
-        return sent
 
     def _unsuppressed(self, recipients: list[_Recipient], ctx: JobContext) -> list[_Recipient]:
         """The recipients not on the suppression list; SUPPRESSED when none is left."""
@@ -294,16 +255,16 @@ class EmailHandler:
         recipients: Sequence[_Recipient],
         settings: _Settings,
         renderer: TemplateRenderer,
-    ) -> list[_Copy]:
-        """Render once and build the message, or each recipient's copy (see the module's
-        docstring); raises the job's fate if it cannot be.
+    ) -> list[Copy]:
+        """Render once and build the message, or each recipient's copy (see
+        :mod:`.copies`); raises the job's fate if it cannot be.
 
         Rendering always happens in a render thread. Building the message
         costs less than a trip to a thread, except with attachments (file
         reads, base64), which go to a worker thread too.
         """
         payload = job.payload
-        if len(recipients) > 1 and "{recipient}" in settings.unsubscribe_url:
+        if copy_per_recipient(settings.unsubscribe_url, len(recipients)):
             groups: list[Sequence[_Recipient]] = [[recipient] for recipient in recipients]
         else:
             groups = [recipients]
@@ -355,7 +316,7 @@ class EmailHandler:
         groups: Sequence[Sequence[_Recipient]],
         settings: _Settings,
         rendered: Rendered,
-    ) -> list[_Copy]:
+    ) -> list[Copy]:
         """Read the attachments (blocking) and build the MIME message of each group.
 
         Each file is read within what is left of the job's total allowance, so
@@ -375,15 +336,18 @@ class EmailHandler:
             attachments.append(attachment)
         content = mime.Content(rendered.subject, rendered.text, rendered.html, attachments)
         return [
-            _Copy(
-                group,
+            Copy(
+                tuple(r.envelope for r in group),
                 mime.build_message(
                     sender=settings.sender,
                     recipients=[r.address for r in group],
                     content=content,
                     job_id=ctx.job_id,
                     mailer=self._user_agent,
-                    unsubscribe=_unsubscribe_url(job, ctx, group, settings),
+                    # the first of several when the URL does not name the recipient
+                    unsubscribe=unsubscribe_link(
+                        settings.unsubscribe_url, job, ctx, group[0].envelope
+                    ),
                 ),
             )
             for group in groups
@@ -394,7 +358,7 @@ class EmailHandler:
         job: EmailJob,
         ctx: JobContext,
         recipients: list[_Recipient],
-        sent: _Sent,
+        sent: SentCopies,
     ) -> None:
         """Suppress 5xx recipients; retry the 4xx ones alone; fail if nobody got the mail."""
         rejected = {rcpt: reply for rcpt, reply in sent.refused.items() if reply[0] >= 500}
@@ -471,33 +435,7 @@ def _recipients(job: EmailJob) -> list[_Recipient]:
     return list(unique.values())
 
 
-def _unsubscribe_url(
-    job: EmailJob, ctx: JobContext, group: Sequence[_Recipient], settings: _Settings
-) -> str:
-    """The group's one-click unsubscribe URL; "" when off, or too long for a header line."""
-    if not settings.unsubscribe_url:
-        return ""
-    url = mime.unsubscribe_url(
-        settings.unsubscribe_url,
-        form_id=job.metadata.form_id,
-        submission_id=job.metadata.submission_id,
-        job_id=ctx.job_id,
-        recipient=group[0].envelope,  # a group of several when the URL does not name it
-    )
-    if len(url) > mime.MAX_UNSUBSCRIBE_URL:
-        log.warning(
-            "job %s: the unsubscribe URL would be %d characters, more than a header line"
-            " holds (%d); sending without List-Unsubscribe",
-            ctx.job_id,
-            len(url),
-            mime.MAX_UNSUBSCRIBE_URL,
-            extra={"queue": ctx.queue, "job_id": ctx.job_id},
-        )
-        return ""
-    return url
-
-
-def _failure(exc: SmtpError, settings: _Settings) -> PermanentFailure | RetryLater:
+def _failure(exc: SmtpError, *, settings: _Settings) -> PermanentFailure | RetryLater:
     if exc.auth:
         log.error(
             "SMTP authentication failed at %s: %s",
