@@ -146,12 +146,13 @@ async def declare_topology(channel: AbstractChannel, topology: WorkerTopology) -
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         detail = describe_amqp_error(exc)
         hint = "delete it or change the config to match"
-        if "x-max-priority" in detail:
+        quorum = topology.main.arguments.get("x-queue-type") == "quorum"
+        if "x-max-priority" in detail and not quorum:
             hint = (
                 "a queue's x-max-priority cannot change in place: set max_priority to the "
                 "queue's value, or delete the queue (and its messages) to declare it again"
             )
-        elif any(arg in detail for arg in _QUORUM_ONLY_ARGUMENTS):
+        elif "x-max-priority" in detail or any(arg in detail for arg in _QUORUM_ONLY_ARGUMENTS):
             hint = (
                 "a queue's type cannot change in place (classic vs quorum): migrate it as "
                 "docs/scaling.md describes"
