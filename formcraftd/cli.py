@@ -196,7 +196,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         return _fail(f"{args.file}: invalid job: {exc}")
     kind = jobs.kind_of(job)
     worker = cfg.worker(kind)
-    if args.priority and not worker.max_priority:
+    if args.priority and not worker.max_priority and cfg.broker.queue_type == "classic":
         print(
             f"formcraftd: warning: workers.{kind}.max_priority is 0, so {worker.queue} "
             f"takes no priorities: --priority {args.priority} changes nothing there",
