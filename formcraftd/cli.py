@@ -48,6 +48,16 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _priority(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError("must be from 0 to 255")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="formcraftd", description="FormCraft's background-job daemon."
@@ -82,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up (exit 3) when connecting, publishing and the broker's confirm "
         f"take longer (default: {ENQUEUE_TIMEOUT_S:g})",
+    )
+    enqueue.add_argument(
+        "--priority",
+        type=_priority,
+        default=None,
+        metavar="N",
+        help="the job's AMQP priority, 0-255: it overtakes lower ones waiting in a queue "
+        "with workers.<kind>.max_priority (a priority above it counts as that maximum)",
     )
     dlq_cmd = with_config(commands.add_parser("dlq", help="dead-letter queue tools"))
     dlq_cmd.add_argument("action", choices=["list", "replay", "purge"])
@@ -176,10 +194,19 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         job = jobs.decode(body)
     except jobs.JobInvalid as exc:
         return _fail(f"{args.file}: invalid job: {exc}")
-    worker = cfg.worker(jobs.kind_of(job))
+    kind = jobs.kind_of(job)
+    worker = cfg.worker(kind)
+    if args.priority and not worker.max_priority and cfg.broker.queue_type == "classic":
+        print(
+            f"formcraftd: warning: workers.{kind}.max_priority is 0, so {worker.queue} "
+            f"takes no priorities: --priority {args.priority} changes nothing there",
+            file=sys.stderr,
+        )
     job_id = uuid.uuid4().hex
     _quiet_connection_logs()
-    asyncio.run(_publish(cfg, worker.queue, body, job_id, timeout_s=args.timeout))
+    asyncio.run(
+        _publish(cfg, worker.queue, body, job_id, timeout_s=args.timeout, priority=args.priority)
+    )
     print(f"{job_id} -> {worker.queue}")
     return EXIT_OK
 
@@ -194,7 +221,13 @@ def _quiet_connection_logs() -> None:
 
 
 async def _publish(
-    cfg: config.Config, queue: str, body: bytes, job_id: str, *, timeout_s: float
+    cfg: config.Config,
+    queue: str,
+    body: bytes,
+    job_id: str,
+    *,
+    timeout_s: float,
+    priority: int | None = None,
 ) -> None:
     """Connect, declare, publish and wait for the confirm, all within `timeout_s`."""
     from formcraftd.amqp.connection import Broker
@@ -208,7 +241,7 @@ async def _publish(
         async with asyncio.timeout(timeout_s):
             await broker.connect()
             connected = True
-            await _declare_and_publish(cfg, broker, queue, body, job_id)
+            await _declare_and_publish(cfg, broker, queue, body, job_id, priority=priority)
     except TimeoutError:
         if not connected:
             nodes = ", ".join(mask_url(u.strip()) for u in cfg.broker.url.split(",") if u.strip())
@@ -224,7 +257,13 @@ async def _publish(
 
 
 async def _declare_and_publish(
-    cfg: config.Config, broker: Broker, queue: str, body: bytes, job_id: str
+    cfg: config.Config,
+    broker: Broker,
+    queue: str,
+    body: bytes,
+    job_id: str,
+    *,
+    priority: int | None,
 ) -> None:
     from formcraftd.amqp.topology import WorkerTopology
 
@@ -236,6 +275,7 @@ async def _declare_and_publish(
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=job_id,
+        priority=priority,
     )
     await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
 

@@ -30,7 +30,7 @@ from formcraftd.amqp import dead_letters
 from formcraftd.amqp.connection import Broker
 from formcraftd.amqp.consumer import Consumer
 from formcraftd.amqp.events import EventPublisher
-from formcraftd.amqp.topology import WorkerTopology, main_queue_hint
+from formcraftd.amqp.topology import WorkerTopology, main_queue_hint, priority_warning
 from formcraftd.core.breakers import BreakerRegistry, BreakerState
 from formcraftd.core.config import AnyWorkerConfig, Config, WorkerKind
 from formcraftd.core.errors import ConfigError
@@ -235,6 +235,8 @@ class Daemon:
             )
             return
         topology = WorkerTopology.build(worker, self.config.broker)
+        if warning := priority_warning(kind, worker, self.config.broker):
+            log.warning("%s", warning)
         await self.broker.declare(topology)
         await handler.start()
         self._closers.append((f"{kind} handler", handler.aclose))

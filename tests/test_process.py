@@ -200,6 +200,23 @@ async def test_enqueue_publishes_a_validated_job(
     assert "invalid job" in bad.stderr
 
 
+async def test_enqueue_priority_sets_the_amqp_priority(
+    tmp_path: Path, names: Names, amqp: Broker
+) -> None:
+    """`enqueue --priority 7` publishes the job with priority 7 to a queue that takes them."""
+    cfg = make_config(names, webhook={"max_priority": 9})
+    amqp.track(cfg)
+    config_file = write_config(tmp_path / "config.toml", names, port=free_port(), max_priority=9)
+    job = tmp_path / "job.json"
+    job.write_bytes(webhook_job("https://example.invalid/hook"))
+    args = ("enqueue", str(job), "--config", str(config_file))
+    result = await asyncio.to_thread(run_cli, *args, "--priority", "7")
+    assert result.returncode == 0, result.stderr
+    [message] = await amqp.take(cfg.workers.webhook.queue, 1)
+    assert message.priority == 7
+    assert (await asyncio.to_thread(run_cli, *args, "--priority", "256")).returncode == 2
+
+
 def test_enqueue_gives_up_after_its_timeout_in_one_line(tmp_path: Path, names: Names) -> None:
     """`enqueue --timeout 2` against a closed port exits 3 within the timeout, one stderr line."""
     config_file = write_config(

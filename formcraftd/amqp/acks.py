@@ -83,6 +83,10 @@ class Delivery:
         return self.properties.correlation_id
 
     @property
+    def priority(self) -> int | None:
+        return self.properties.priority
+
+    @property
     def type(self) -> str | None:
         return self.properties.message_type
 

@@ -233,6 +233,7 @@ async def _republish(
             headers=headers,
             content_type=message.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=message.priority,
             message_id=message.message_id,
             timestamp=message.timestamp,
             correlation_id=message.correlation_id,

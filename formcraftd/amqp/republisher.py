@@ -261,6 +261,7 @@ async def _publish(
         headers=kept,
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
         message_id=job_id[:200],
     )
     await exchange.publish(stripped, routing_key=routing_key, mandatory=True)
@@ -275,6 +276,7 @@ def _outgoing(
         content_type=message.content_type or "application/json",
         content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,  # kept on every hop: wait queue, main queue, dead letters
         message_id=job_id,
         correlation_id=message.correlation_id,
         timestamp=message.timestamp,

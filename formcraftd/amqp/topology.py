@@ -33,6 +33,18 @@ def dead_letter_queue_name(queue: str) -> str:
     return f"dlq.{queue}"
 
 
+def priority_warning(kind: str, worker: AnyWorkerConfig, broker: BrokerConfig) -> str:
+    """Why `max_priority` cannot apply as configured (quorum queues), or ""."""
+    if not worker.max_priority or broker.queue_type != "quorum":
+        return ""
+    return (
+        f"workers.{kind}.max_priority = {worker.max_priority}, but {worker.queue} is a quorum "
+        "queue, declared without x-max-priority: job priorities need RabbitMQ 4.0 or later, "
+        "whose quorum queues have two levels (priority 5 and above goes first, the rest is "
+        "normal); earlier versions ignore them"
+    )
+
+
 def main_queue_hint(name: str, main_queues: Iterable[str]) -> str:
     """`; use the main queue name: X` when `name` is the DLQ or a wait queue of X, else ""."""
     for queue in main_queues:
@@ -86,6 +98,10 @@ class WorkerTopology:
             main_args["x-delivery-limit"] = broker.delivery_limit
         if getattr(worker, "single_active_consumer", False):
             main_args["x-single-active-consumer"] = True
+        if worker.max_priority and broker.queue_type == "classic":
+            # Quorum queues take no x-max-priority: before RabbitMQ 4.0 they ignore
+            # priorities, from 4.0 on they have two levels whatever the argument.
+            main_args["x-max-priority"] = worker.max_priority
         dlq_args: Arguments = dict(queue_type)
         if worker.dead_letter_ttl_ms is not None:
             dlq_args["x-message-ttl"] = worker.dead_letter_ttl_ms
@@ -130,7 +146,13 @@ async def declare_topology(channel: AbstractChannel, topology: WorkerTopology) -
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         detail = describe_amqp_error(exc)
         hint = "delete it or change the config to match"
-        if any(arg in detail for arg in _QUORUM_ONLY_ARGUMENTS):
+        quorum = topology.main.arguments.get("x-queue-type") == "quorum"
+        if "x-max-priority" in detail and not quorum:
+            hint = (
+                "a queue's x-max-priority cannot change in place: set max_priority to the "
+                "queue's value, or delete the queue (and its messages) to declare it again"
+            )
+        elif "x-max-priority" in detail or any(arg in detail for arg in _QUORUM_ONLY_ARGUMENTS):
             hint = (
                 "a queue's type cannot change in place (classic vs quorum): migrate it as "
                 "docs/scaling.md describes"

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import string
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -104,6 +105,8 @@ class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 Concurrency = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+# AMQP priorities are an octet; RabbitMQ recommends at most 10 levels.
+MaxPriority = Annotated[int, msgspec.Meta(ge=0, le=255)]
 
 
 class _WorkerBase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -113,6 +116,8 @@ class _WorkerBase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     enabled: bool = True
     retry: RetryConfig = RetryConfig()
     dead_letter_ttl_ms: TtlMs | None = None
+    # x-max-priority of the main queue (classic queues); 0 = no priorities
+    max_priority: MaxPriority = 0
 
 
 class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -142,6 +147,8 @@ class EmailWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_f
     max_attachment_bytes: PositiveInt = 10_485_760
     max_attachments_total_bytes: PositiveInt = 26_214_400  # all of one job's attachments
     state_dir: str = "./var"
+    # RFC 8058 one-click unsubscribe: an https URL template ("" = no List-Unsubscribe)
+    unsubscribe_url: str = ""
 
 
 class SheetsWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -431,6 +438,9 @@ def _check_cross_fields(config: Config, source: str) -> None:
     for url in config.broker.url.split(","):
         if urlsplit(url.strip()).scheme not in ("amqp", "amqps"):
             raise ConfigError(f"{source}: key broker.url: expected amqp:// or amqps:// URLs")
+    unsubscribe = config.workers.email.unsubscribe_url
+    if unsubscribe and (problem := check_unsubscribe_url(unsubscribe)):
+        raise ConfigError(f"{source}: key workers.email.unsubscribe_url: {problem}")
     for cidr in config.workers.webhook.allowed_networks:
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -438,6 +448,38 @@ def _check_cross_fields(config: Config, source: str) -> None:
             raise ConfigError(
                 f"{source}: key workers.webhook.allowed_networks: {cidr[:100]!r} is not a CIDR"
             ) from None
+
+
+UNSUBSCRIBE_PLACEHOLDERS = ("form_id", "submission_id", "job_id", "recipient")
+# What RFC 3986 allows in a URL, the percent sign included; no space, quote or angle bracket.
+_URL_TEXT = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+MAX_UNSUBSCRIBE_TEMPLATE = 900  # the header line is at most 998 characters, values included
+
+
+def check_unsubscribe_url(template: str) -> str:
+    """Why `template` cannot be the unsubscribe URL template, or "" when it can."""
+    if len(template) > MAX_UNSUBSCRIBE_TEMPLATE:
+        return f"longer than {MAX_UNSUBSCRIBE_TEMPLATE} characters"
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return f"not a template: {exc}"
+    for literal, name, spec, conversion in fields:
+        if not _URL_TEXT.fullmatch(literal):
+            return "only URL characters may appear outside the placeholders (no space, quote, <>)"
+        if name is None:
+            continue
+        if name not in UNSUBSCRIBE_PLACEHOLDERS:
+            known = ", ".join(f"{{{known}}}" for known in UNSUBSCRIBE_PLACEHOLDERS)
+            return f"unknown placeholder {{{name}}} (known: {known})"
+        if spec or conversion:
+            return f"placeholder {{{name}}} takes no conversion or format"
+    parts = urlsplit(template)
+    if parts.scheme != "https" or not parts.hostname:
+        return "expected an https:// URL (RFC 8058 one-click unsubscribe needs HTTPS)"
+    if "{" in parts.netloc:
+        return "placeholders may appear only in the path and query"
+    return ""
 
 
 def parse(

@@ -39,6 +39,7 @@ RESTART_ONLY = (
     "workers.*.queue",
     "workers.*.dead_letter_exchange",
     "workers.*.dead_letter_ttl_ms",
+    "workers.*.max_priority",
     "workers.sheets.single_active_consumer",
 )
 

@@ -186,6 +186,7 @@ class Broker:
         *,
         message_id: str | None = None,
         headers: dict[str, Any] | None = None,
+        priority: int | None = None,
     ) -> str:
         channel = await self.connection.channel(publisher_confirms=True)
         try:
@@ -196,6 +197,7 @@ class Broker:
                     message_id=job_id,
                     headers=headers or {},
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    priority=priority,
                 ),
                 routing_key=queue,
             )

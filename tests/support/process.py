@@ -31,6 +31,7 @@ def write_config(
     shutdown_timeout_s: float = 10,
     url: str = AMQP_URL,
     connect_timeout_s: float = 10,
+    max_priority: int = 0,
 ) -> Path:
     lines = [
         "[broker]",
@@ -51,6 +52,7 @@ def write_config(
         f'dead_letter_exchange = "{names.dlx("webhook")}"',
         f"concurrency = {concurrency}",
         'allowed_networks = ["127.0.0.1/32"]',
+        f"max_priority = {max_priority}",
     ]
     for kind in ("email", "sheets"):
         lines += [

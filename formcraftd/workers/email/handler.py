@@ -16,6 +16,10 @@ One job is one message to its recipients:
    are retried *alone* — the retried job carries only them — so nobody gets
    the mail twice. Every recipient refused with 5xx is ``RECIPIENT_REJECTED``.
 
+With `unsubscribe_url` set, every message carries RFC 8058's `List-Unsubscribe`
+and `List-Unsubscribe-Post`; when the URL names the `{recipient}`, each
+recipient gets a copy of their own (:mod:`.copies`).
+
 Connection problems and 4xx replies to MAIL or DATA are retryable; refused
 credentials are permanent (``AUTH_REVOKED``) and logged as an alert.
 """
@@ -39,10 +43,16 @@ from formcraftd.core.events import Emit
 from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import EmailJob
 from formcraftd.workers.email import mime
+from formcraftd.workers.email.copies import (
+    Copy,
+    SentCopies,
+    copy_per_recipient,
+    send_copies,
+    unsubscribe_link,
+)
 from formcraftd.workers.email.render_threads import RenderThreads, RenderThreadsBusy
 from formcraftd.workers.email.smtp_pool import (
     IDLE_TIMEOUT_S,
-    RecipientReplies,
     SmtpError,
     SmtpPool,
     SmtpSettings,
@@ -82,6 +92,7 @@ class _Settings:
     max_attachments_total_bytes: int
     templates_dir: str
     state_dir: str
+    unsubscribe_url: str  # the URL template; "" = no List-Unsubscribe
 
     @classmethod
     def from_config(cls, config: EmailWorkerConfig) -> _Settings:
@@ -102,6 +113,7 @@ class _Settings:
             config.max_attachments_total_bytes,
             config.templates_dir,
             config.state_dir,
+            config.unsubscribe_url,
         )
 
     def envelope_sender(self, job_id: str) -> str:
@@ -197,25 +209,25 @@ class EmailHandler:
         """Send once: return when every recipient is settled, else raise the job's fate."""
         settings, renderer = self._settings, self._renderer  # one read per job
         recipients = self._unsuppressed(_recipients(job), ctx)
-        message = await self._message(job, ctx, [r.address for r in recipients], settings, renderer)
+        copies = await self._messages(job, ctx, recipients, settings, renderer)
         started = time.monotonic()
-        try:
-            replies = await self.pool.send(
-                settings.envelope_sender(ctx.job_id), [r.envelope for r in recipients], message
-            )
-        except SmtpError as exc:
-            raise _failure(exc, settings) from None
+        sent = await send_copies(
+            self.pool,
+            settings.envelope_sender(ctx.job_id),
+            copies,
+            functools.partial(_failure, settings=settings),
+        )
         log.debug(
             "job %s: %d accepted, %d refused by %s in %.0f ms (attempt %d)",
             ctx.job_id,
-            len(replies.accepted),
-            len(replies.refused),
+            len(sent.accepted),
+            len(sent.refused) + len(sent.undelivered),
             settings.smtp.endpoint,
             (time.monotonic() - started) * 1000,
             ctx.attempt,
             extra={"queue": ctx.queue, "job_id": ctx.job_id},
         )
-        await self._judge(job, ctx, recipients, replies)
+        await self._judge(job, ctx, recipients, sent)
 
     def _unsuppressed(self, recipients: list[_Recipient], ctx: JobContext) -> list[_Recipient]:
         """The recipients not on the suppression list; SUPPRESSED when none is left."""
@@ -236,29 +248,32 @@ class EmailHandler:
             )
         return remaining
 
-    async def _message(
+    async def _messages(
         self,
         job: EmailJob,
         ctx: JobContext,
-        recipients: Sequence[Address],
+        recipients: Sequence[_Recipient],
         settings: _Settings,
         renderer: TemplateRenderer,
-    ) -> bytes:
-        """Render and build the message; raises the job's fate if it cannot be.
+    ) -> list[Copy]:
+        """Render once and build the message, or each recipient's copy (see
+        :mod:`.copies`); raises the job's fate if it cannot be.
 
         Rendering always happens in a render thread. Building the message
         costs less than a trip to a thread, except with attachments (file
         reads, base64), which go to a worker thread too.
         """
         payload = job.payload
+        if copy_per_recipient(settings.unsubscribe_url, len(recipients)):
+            groups: list[Sequence[_Recipient]] = [[recipient] for recipient in recipients]
+        else:
+            groups = [recipients]
         try:
             mime.check_header_text(payload.subject, "subject")
             rendered = await self._render(job, renderer)
             if payload.attachments:
-                return await asyncio.to_thread(
-                    self._build, job, ctx, recipients, settings, rendered
-                )
-            return self._build(job, ctx, recipients, settings, rendered)
+                return await asyncio.to_thread(self._build, job, ctx, groups, settings, rendered)
+            return self._build(job, ctx, groups, settings, rendered)
         except mime.HeaderRefused as exc:
             raise PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False) from None
         except TemplateFailure as exc:
@@ -298,11 +313,11 @@ class EmailHandler:
         self,
         job: EmailJob,
         ctx: JobContext,
-        recipients: Sequence[Address],
+        groups: Sequence[Sequence[_Recipient]],
         settings: _Settings,
         rendered: Rendered,
-    ) -> bytes:
-        """Read the attachments (blocking) and build the MIME message.
+    ) -> list[Copy]:
+        """Read the attachments (blocking) and build the MIME message of each group.
 
         Each file is read within what is left of the job's total allowance, so
         one job never holds more than `max_attachments_total_bytes` of them.
@@ -320,30 +335,58 @@ class EmailHandler:
             left -= len(attachment.data)
             attachments.append(attachment)
         content = mime.Content(rendered.subject, rendered.text, rendered.html, attachments)
-        return mime.build_message(
-            sender=settings.sender,
-            recipients=recipients,
-            content=content,
-            job_id=ctx.job_id,
-            mailer=self._user_agent,
-        )
+        return [
+            Copy(
+                tuple(r.envelope for r in group),
+                mime.build_message(
+                    sender=settings.sender,
+                    recipients=[r.address for r in group],
+                    content=content,
+                    job_id=ctx.job_id,
+                    mailer=self._user_agent,
+                    # the first of several when the URL does not name the recipient
+                    unsubscribe=unsubscribe_link(
+                        settings.unsubscribe_url, job, ctx, group[0].envelope
+                    ),
+                ),
+            )
+            for group in groups
+        ]
 
     async def _judge(
         self,
         job: EmailJob,
         ctx: JobContext,
         recipients: list[_Recipient],
-        replies: RecipientReplies,
+        sent: SentCopies,
     ) -> None:
         """Suppress 5xx recipients; retry the 4xx ones alone; fail if nobody got the mail."""
-        rejected = {rcpt: reply for rcpt, reply in replies.refused.items() if reply[0] >= 500}
-        deferred = {rcpt: reply for rcpt, reply in replies.refused.items() if reply[0] < 500}
+        rejected = {rcpt: reply for rcpt, reply in sent.refused.items() if reply[0] >= 500}
+        deferred = {rcpt: reply for rcpt, reply in sent.refused.items() if reply[0] < 500}
         for rcpt, (code, text) in rejected.items():
             await self._suppress(rcpt, code, text, ctx)
+        if sent.undelivered:
+            log.warning(
+                "job %s: the copies to %d recipients were refused (%s); they are not retried",
+                ctx.job_id,
+                len(sent.undelivered),
+                next(iter(sent.undelivered.values()))[1],
+                extra={"queue": ctx.queue, "job_id": ctx.job_id},
+            )
+        retried = [r.raw for r in recipients if r.envelope in deferred or r.envelope in sent.unsent]
+        payload = msgspec.structs.replace(job.payload, to=retried)
+        if sent.interrupted is not None:
+            cause = sent.interrupted
+            raise RetryLater(
+                cause.code,
+                f"{cause.reason}; {len(sent.accepted)} of {len(recipients)} recipients have"
+                f" the mail, retrying only the other {len(retried)}",
+                status=cause.status,
+                replacement=msgspec.structs.replace(job, payload=payload),
+                counts_for_breaker=cause.counts_for_breaker,
+            )
         if deferred:
-            retried = [r.raw for r in recipients if r.envelope in deferred]
             code, text = next(iter(deferred.values()))
-            payload = msgspec.structs.replace(job.payload, to=retried)
             raise RetryLater(
                 "SMTP_TEMPORARY",
                 f"{len(deferred)} of {len(recipients)} recipients deferred ({code} {text});"
@@ -352,12 +395,17 @@ class EmailHandler:
                 replacement=msgspec.structs.replace(job, payload=payload),
                 counts_for_breaker=False,  # the relay answered: greylisting is not an outage
             )
-        if not replies.accepted:
+        if not sent.accepted and rejected:
             code, text = next(iter(rejected.values()))
             raise PermanentFailure(
                 "RECIPIENT_REJECTED",
-                f"all {len(rejected)} recipients refused ({code} {text})",
+                f"all {len(rejected) + len(sent.undelivered)} recipients refused ({code} {text})",
                 status=code,
+            )
+        if not sent.accepted:
+            status, reason = next(iter(sent.undelivered.values()))
+            raise PermanentFailure(
+                "RECIPIENT_REJECTED", f"every copy was refused: {reason}", status=status
             )
 
     async def _suppress(self, rcpt: str, code: int, text: str, ctx: JobContext) -> None:
@@ -387,7 +435,7 @@ def _recipients(job: EmailJob) -> list[_Recipient]:
     return list(unique.values())
 
 
-def _failure(exc: SmtpError, settings: _Settings) -> PermanentFailure | RetryLater:
+def _failure(exc: SmtpError, *, settings: _Settings) -> PermanentFailure | RetryLater:
     if exc.auth:
         log.error(
             "SMTP authentication failed at %s: %s",

@@ -35,6 +35,7 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from pathlib import Path
+from urllib.parse import quote
 
 from formcraftd.core.errors import FormcraftError
 
@@ -50,6 +51,7 @@ __all__ = [
     "parse_address",
     "read_attachment",
     "return_path",
+    "unsubscribe_url",
 ]
 
 # Parses addresses; messages are all 7bit, so no 8BITMIME or SMTPUTF8 is ever required.
@@ -127,6 +129,25 @@ def message_id(job_id: str, domain: str) -> str:
 def return_path(template: str, job_id: str) -> str:
     """The envelope sender: `template` with `{job_id}` replaced by the job's token."""
     return template.replace("{job_id}", job_token(job_id))
+
+
+# RFC 2369 / 8058: the URL in angle brackets; the header on a line of its own, folded
+# after the colon, must stay within RFC 5322's 998 characters.
+MAX_UNSUBSCRIBE_URL = _MAX_LINE - len(" <>")
+ONE_CLICK = "List-Unsubscribe=One-Click"
+
+
+def unsubscribe_url(
+    template: str, *, form_id: str, submission_id: str, job_id: str, recipient: str
+) -> str:
+    """`template` (checked by the config) with each placeholder's value percent-encoded."""
+    values = {
+        "form_id": form_id,
+        "submission_id": submission_id,
+        "job_id": job_id,
+        "recipient": recipient,
+    }
+    return template.format_map({name: quote(value, safe="") for name, value in values.items()})
 
 
 def _header_job_id(job_id: str) -> str:
@@ -223,6 +244,7 @@ def build_message(
     job_id: str,
     mailer: str = "",
     date: dt.datetime | None = None,
+    unsubscribe: str = "",
 ) -> bytes:
     """The message as it goes over SMTP: multipart/alternative text + HTML, then attachments.
 
@@ -230,6 +252,8 @@ def build_message(
     which is several times faster than `EmailMessage` with the SMTP policy for
     the one shape of message sent here; headers are encoded (RFC 2047) and
     folded by it, and bodies are 7bit when they can be, else quoted-printable.
+    `unsubscribe` (an https URL) adds RFC 8058's `List-Unsubscribe` and
+    `List-Unsubscribe-Post`.
     """
     check_header_text(content.subject, "subject")
     body = MIMEMultipart("alternative", boundary=_boundary())
@@ -249,6 +273,8 @@ def build_message(
         root["Message-ID"] = message_id(job_id, sender.domain)
         root["X-FormCraft-Job-Id"] = _header_job_id(job_id)
         root["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies to this
+        if unsubscribe:
+            _unsubscribe_headers(root, unsubscribe)
         if mailer:
             root["X-Mailer"] = mailer
         out = io.BytesIO()
@@ -256,6 +282,14 @@ def build_message(
         return out.getvalue()
     except (ValueError, TypeError, HeaderParseError) as exc:
         raise HeaderRefused(f"the message cannot be built: {exc}") from None
+
+
+def _unsubscribe_headers(root: Message, url: str) -> None:
+    """The generator folds a long value onto a line of its own, never inside the URL."""
+    if len(url) > MAX_UNSUBSCRIBE_URL or not url.isascii() or re.search(r"[\s<>]", url):
+        raise ValueError("the unsubscribe URL is too long or not a plain URL")
+    root["List-Unsubscribe"] = f"<{url}>"
+    root["List-Unsubscribe-Post"] = ONE_CLICK
 
 
 def format_address(address: Address) -> str:
