@@ -1,4 +1,4 @@
-"""One delivery's way through the daemon: decode -> limit -> breaker -> handler -> outcome.
+"""One delivery's way through the daemon: decode -> rate -> limit -> breaker -> handler -> outcome.
 
 :class:`JobPipeline` is what the consumer runs for each message it is given. It
 owns retries, dead letters and the per-job counts once, for every worker; a
@@ -32,7 +32,14 @@ from formcraftd.core import jobs
 from formcraftd.core.attempts import Attempt, AttemptReporter, JobOutcome
 from formcraftd.core.breakers import BreakerRegistry
 from formcraftd.core.config import AnyWorkerConfig, BreakerConfig, DaemonConfig, WorkerKind
-from formcraftd.core.errors import BreakerOpen, BrokerError, PermanentFailure, RetryLater
+from formcraftd.core.errors import (
+    BreakerOpen,
+    BrokerError,
+    Delayed,
+    PermanentFailure,
+    RetryLater,
+    Throttled,
+)
 from formcraftd.core.handler import Delivered, Handler, JobContext
 from formcraftd.core.jobs import Job, JobInvalid
 from formcraftd.core.limits import ResizableLimiter
@@ -142,6 +149,17 @@ class JobPipeline:
             self.waiting.discard(task)
             await self._settle_outcome(message, None, ctx, job, 0.0)
             return
+        limits = self.handler.rate_limits
+        if limits is not None and limits.engaged:
+            # The destination's turn comes before a concurrency slot: waiting never holds one.
+            try:
+                turn = limits.admit(self.handler.breaker_key(job))
+                if turn is not None:
+                    await turn
+            except Throttled as throttled:
+                self.waiting.discard(task)
+                await self._settle_outcome(message, job, ctx, throttled, 0.0)
+                return
         if self.handler.batching:
             ctx = dataclasses.replace(ctx, slot=self.limiter)
             result, duration = await self._run_handler(job, ctx, task)
@@ -293,7 +311,7 @@ class JobPipeline:
         if outcome != "delayed":
             self._settled.add(ctx.job_id, ctx.attempt - 1)
         self._acks.ack(message)
-        if job is not None and not isinstance(failure, BreakerOpen):
+        if job is not None and not isinstance(failure, Delayed):
             self.stats.durations.observe(duration)
         delivered = result if isinstance(result, Delivered) else None
         self._report(Attempt(self.kind, self.queue, ctx, job, outcome, final, delivered, duration))
@@ -306,8 +324,8 @@ class JobPipeline:
         failure: Exception,
     ) -> tuple[JobOutcome, Exception]:
         """Publish where a failed job goes next; the outcome and the failure that decided it."""
-        if isinstance(failure, BreakerOpen):
-            return await self._delay_for_breaker(message, ctx, failure)
+        if isinstance(failure, Delayed):
+            return await self._delay(message, ctx, failure)
         if isinstance(failure, RetryLater) and self._schedule.tries_left(ctx.attempt):
             await self._retry(message, job, ctx, failure)
             self.stats.retry += 1
@@ -347,14 +365,18 @@ class JobPipeline:
         headers[ATTEMPT_HEADER] = ctx.attempt
         await self._republisher.to_tier(message, ctx.job_id, body, headers, tier)
 
-    async def _delay_for_breaker(
-        self, message: Delivery, ctx: JobContext, failure: BreakerOpen
+    async def _delay(
+        self, message: Delivery, ctx: JobContext, failure: Delayed
     ) -> tuple[JobOutcome, Exception]:
+        """Delay the job without using a try (an open breaker, a rate limit), or dead-letter
+        it with the delay's `expired_code` once it is older than `max_job_age_ms`."""
         now_ms = time.time() * 1000
         first_seen = first_seen_ms(message, now_ms)
         if now_ms - first_seen > self._breaker_config.max_job_age_ms:
             expired = PermanentFailure(
-                "BREAKER_OPEN", f"{failure} for longer than the job may wait", reached_service=False
+                failure.expired_code,
+                f"{failure} for longer than the job may wait",
+                reached_service=False,
             )
             await self._republisher.dead_letter(message, ctx.job_id, expired, ctx.attempt - 1)
             self.stats.dead_letter += 1
