@@ -216,10 +216,10 @@ class DestinationLimits:
     def slow_down(self, key: str, *, status: int, retry_after_s: float | None) -> None:
         """A call to `key` was answered 429 or 503: pause it and lower its rate for a while."""
         now = self._clock()
-        pause = retry_after_s if retry_after_s is not None and retry_after_s > 0 else 0.0
-        if status == 429 and pause == 0:
-            pause = _DEFAULT_PAUSE_429_S
-        pause = min(pause, _MAX_PAUSE_S)
+        if retry_after_s is None:
+            pause = _DEFAULT_PAUSE_429_S if status == 429 else 0.0
+        else:
+            pause = min(max(retry_after_s, 0.0), _MAX_PAUSE_S)
         state = self._states.get(key)
         if state is None:
             rate = self._rate_of(key) if self._limited else None
