@@ -115,3 +115,26 @@ async def test_a_429_with_retry_after_pauses_only_that_destination(
     outcomes = jobs(daemon, queue)
     assert (outcomes["success"], outcomes["retry"]) == (21, 1)
     assert throttled(daemon, queue).get(f"webhook:127.0.0.1:{paused.port}", 0) >= 10
+
+
+async def test_a_job_held_back_past_max_job_age_is_dead_lettered_as_job_expired(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """A destination paused for 60 s: a later job waits through the wait queues, then,
+    older than breaker.max_job_age_ms, is dead-lettered as JOB_EXPIRED with no try used."""
+
+    async def always_429(_request: web.Request, _n: int) -> web.StreamResponse:
+        return web.Response(status=429, headers={"Retry-After": "60"})
+
+    receiver = await receiver_factory(always_429)
+    cfg = make_config(names, retry={"attempts": 1}, breaker={"max_job_age_ms": 600})
+    await start_daemon(cfg)
+    queue = cfg.workers.webhook.queue
+    await amqp.publish(queue, webhook_job(receiver.url, submission_id="a"))
+    [first] = await amqp.take(f"dlq.{queue}", 1)
+    assert first.headers["x-formcraft-error-code"] == "RETRIES_EXHAUSTED"
+    await amqp.publish(queue, webhook_job(receiver.url, submission_id="b"))
+    [dead] = await amqp.take(f"dlq.{queue}", 1, timeout=20)
+    assert dead.headers["x-formcraft-error-code"] == "JOB_EXPIRED"
+    assert dead.headers["x-formcraft-attempts"] == 0
+    assert len(receiver.requests) == 1

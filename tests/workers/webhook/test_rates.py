@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp import web
 
 from formcraftd.core import config
-from formcraftd.core.errors import ConfigError
+from formcraftd.core.config import WebhookWorkerConfig
+from formcraftd.core.errors import ConfigError, RetryLater, Throttled
 from formcraftd.core.ratelimits import Rate
+from formcraftd.workers.webhook import WebhookHandler
 from formcraftd.workers.webhook.rates import rate_of
+from tests.workers.webhook.support import LOOPBACK_ONLY, Behaviour, Receiver, ctx, job
 
 SECTION = """
 [workers.webhook.rate_limit]
@@ -70,3 +74,56 @@ def test_a_host_given_twice_is_refused() -> None:
     )
     with pytest.raises(ConfigError, match="given twice"):
         config.parse(text, environ={})
+
+
+# --- the handler: what a receiver's answer does to its destination ------------------
+
+
+def answer(status: int, **headers: str) -> Behaviour:
+    async def respond(_request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, headers=headers)
+
+    return respond
+
+
+async def test_a_429_pauses_the_destination_it_came_from(
+    receiver: Receiver, handler: WebhookHandler
+) -> None:
+    """The handler tells its limits of a 429: that destination's next job is delayed."""
+    receiver.behaviour = answer(429, **{"Retry-After": "30"})
+    hook = job(receiver.url())
+    with pytest.raises(RetryLater):
+        await handler.handle(hook, ctx())
+    with pytest.raises(Throttled) as info:
+        handler.rate_limits.admit(handler.breaker_key(hook))
+    assert 25 <= info.value.remaining <= 30
+    assert handler.rate_limits.admit("webhook:elsewhere.example:443") is None
+
+
+async def test_a_500_does_not_slow_the_destination_down(
+    receiver: Receiver, handler: WebhookHandler
+) -> None:
+    """Only 429 and 503 speak of load; a 500 is the breaker's business."""
+    receiver.behaviour = answer(500, **{"Retry-After": "30"})
+    with pytest.raises(RetryLater):
+        await handler.handle(job(receiver.url()), ctx())
+    assert not handler.rate_limits.engaged
+
+
+async def test_a_reload_applies_new_rates_live(handler: WebhookHandler) -> None:
+    """prepare() + apply: a destination unlimited before is limited after, and back."""
+    key = "webhook:api.example.com:443"
+    assert handler.rate_limits.admit(key) is None
+    limited = WebhookWorkerConfig(
+        allowed_networks=LOOPBACK_ONLY,
+        rate_limit=config.RateLimitConfig(
+            max_wait_ms=0,
+            hosts=(config.HostRateLimit(host="api.example.com", requests_per_second=1, burst=1),),
+        ),
+    )
+    handler.prepare(limited)()
+    assert handler.rate_limits.admit(key) is None
+    with pytest.raises(Throttled):
+        handler.rate_limits.admit(key)
+    handler.prepare(WebhookWorkerConfig(allowed_networks=LOOPBACK_ONLY))()
+    assert handler.rate_limits.admit(key) is None
