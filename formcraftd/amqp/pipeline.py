@@ -57,7 +57,8 @@ class JobPipeline:
 
     The consumer sets `republisher` to the one on its current channel (a
     reconnect brings a new channel) and adds each delivery's task to `waiting`
-    until the task gets a concurrency slot; `in_flight` counts jobs in a handler.
+    until the task gets a concurrency slot (a job waiting for its destination's
+    rate limit is still waiting); `in_flight` counts jobs in a handler.
     """
 
     def __init__(

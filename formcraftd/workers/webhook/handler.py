@@ -34,7 +34,7 @@ from formcraftd.core.redaction import redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
-from formcraftd.workers.webhook.rates import destination_limits, rate_of, reconfigure_limits
+from formcraftd.workers.webhook.rates import destination_limits, reconfigure_limits
 from formcraftd.workers.webhook.request import WebhookRequest, encode_body, payload_headers
 from formcraftd.workers.webhook.signing import signer_for, webhook_id
 from formcraftd.workers.webhook.targets import check_literal_host, target_of
@@ -161,7 +161,6 @@ class WebhookHandler:
     def prepare(self, config: WebhookWorkerConfig) -> Callable[[], None]:
         """Validate and build new live settings; the returned call swaps them in."""
         settings = _Settings.from_config(config)
-        rate_of(config.rate_limit)
 
         def apply() -> None:
             self._settings = settings
