@@ -48,6 +48,16 @@ def jobs(daemon: Daemon, queue: str) -> dict[str, float]:
     return samples(daemon, "formcraftd_jobs", queue, "outcome")
 
 
+async def until_paused(daemon: Daemon, queue: str, destination: str) -> None:
+    """Wait until /metrics shows `destination` paused (its rate limit at 0)."""
+    family = "formcraftd_destination_rate_limit"
+    for _ in range(500):
+        if samples(daemon, family, queue, "destination").get(destination) == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{destination} was not paused within 10 s")
+
+
 async def test_a_limited_destination_gets_its_rate_while_another_is_not_slowed(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
@@ -70,7 +80,8 @@ async def test_a_limited_destination_gets_its_rate_while_another_is_not_slowed(
     # 28 calls after the burst at 10/s need 2.8 s; a busy machine only adds to that.
     assert arrivals[-1] - arrivals[0] >= 2.0
     # Never much more than the rate plus the burst in any one second.
-    assert max(sum(1 for t in arrivals if s <= t < s + 1.0) for s in arrivals) <= 10 + 2 + 4
+    # (A stalled loop can let a few waiting calls go together: a wide margin.)
+    assert max(sum(1 for t in arrivals if s <= t < s + 1.0) for s in arrivals) <= 10 + 2 + 8
     assert max(r.at for r in b) < arrivals[-1]
     await asyncio.sleep(0.3)
     assert tries_per_job(limited.requests) == [1] * 30
@@ -99,6 +110,7 @@ async def test_a_429_with_retry_after_pauses_only_that_destination(
     queue = cfg.workers.webhook.queue
     await amqp.publish(queue, webhook_job(paused.url))
     [refused] = await paused.wait_for(1)
+    await until_paused(daemon, queue, f"webhook:127.0.0.1:{paused.port}")
     for _ in range(10):
         await amqp.publish(queue, webhook_job(paused.url))
         await amqp.publish(queue, webhook_job(free.url))
