@@ -209,6 +209,8 @@ class DestinationLimits:
         if interval:
             state.tat = max(state.tat, now) + interval
         if wait <= 0:
+            # Nobody is ahead: jobs delayed from now on need not queue behind earlier ones.
+            state.deferred_until = -math.inf
             return None
         state.throttled += 1
         return self._wait(wait)

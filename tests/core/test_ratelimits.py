@@ -106,6 +106,21 @@ def test_a_wait_longer_than_max_wait_is_a_delay_spread_over_the_rate() -> None:
     assert remaining == pytest.approx([0.5, 1.0, 1.5])
 
 
+def test_the_spread_of_delays_starts_afresh_once_a_job_goes_at_once() -> None:
+    """After a backlog has drained, a delayed job comes back at its turn, not behind old ones."""
+    clock = VirtualClock()
+    lim = limits(clock, only(A, Rate(2, 1)), max_wait_s=0)
+    assert lim.admit(A) is None
+    for _ in range(20):
+        with pytest.raises(Throttled):
+            lim.admit(A)
+    clock.now += 60
+    assert lim.admit(A) is None
+    with pytest.raises(Throttled) as caught:
+        lim.admit(A)
+    assert caught.value.remaining == pytest.approx(0.5)
+
+
 def test_delays_do_not_take_the_turns_of_jobs_that_wait() -> None:
     """A delayed job reserves nothing: the next job's turn is as near as before."""
     clock = VirtualClock()
