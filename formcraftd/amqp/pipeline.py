@@ -153,21 +153,31 @@ class JobPipeline:
         limits = self.handler.rate_limits
         if limits is not None and limits.engaged:
             # The destination's turn comes before a concurrency slot: waiting never holds one.
+            key = self.handler.breaker_key(job)
             try:
-                turn = limits.admit(self.handler.breaker_key(job))
-                if turn is not None:
-                    await turn
+                turn = limits.admit(key)
             except Throttled as throttled:
                 self.waiting.discard(task)
                 await self._settle_outcome(message, job, ctx, throttled, 0.0)
                 return
-        if self.handler.batching:
-            ctx = dataclasses.replace(ctx, slot=self.limiter)
-            result, duration = await self._run_handler(job, ctx, task)
+            try:
+                if turn is not None:
+                    await turn
+                result, duration = await self._run_in_slot(job, ctx, task)
+            finally:
+                limits.done(key)
         else:
-            async with self.limiter:
-                result, duration = await self._run_handler(job, ctx, task)
+            result, duration = await self._run_in_slot(job, ctx, task)
         await self._settle_outcome(message, job, ctx, result, duration)
+
+    async def _run_in_slot(
+        self, job: Job, ctx: JobContext, task: asyncio.Task[None]
+    ) -> tuple[Exception | Delivered | None, float]:
+        """One try within the queue's concurrency limit (a batching handler holds it itself)."""
+        if self.handler.batching:
+            return await self._run_handler(job, dataclasses.replace(ctx, slot=self.limiter), task)
+        async with self.limiter:
+            return await self._run_handler(job, ctx, task)
 
     async def _handle_redelivery(self, message: Delivery, ctx: JobContext) -> bool:
         """Settle a redelivered message without running it, when that is the safe thing.

@@ -147,6 +147,7 @@ class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     burst: Burst = 10
     max_wait_ms: NonNegativeInt = 1000  # longest wait in the process; longer: a wait queue
     recovery_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
+    max_in_flight: NonNegativeInt = 0  # jobs of one destination under way at once; 0 = no cap
     hosts: tuple[HostRateLimit, ...] = ()
 
     def __post_init__(self) -> None:

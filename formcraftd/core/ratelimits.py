@@ -18,6 +18,10 @@ rate (at most once a second, down to a sixteenth of the configured rate) and
 lets it climb back linearly over `recovery_s` once the pause is over. A
 destination with no configured rate is only paused.
 
+`max_in_flight` (0 = off) caps the jobs of one destination admitted and not
+yet :meth:`~DestinationLimits.done`: a slow destination then never holds
+every concurrency slot; a job over the cap is delayed like one over its rate.
+
 Everything runs on one event loop; no method but the returned waits awaits.
 """
 
@@ -39,6 +43,7 @@ _DEFAULT_PAUSE_429_S = 1.0  # a 429 without a usable Retry-After
 _CUT_FACTOR = 0.5
 _FLOOR_FACTOR = 1 / 16  # the lowest a rate is cut to, as a share of the configured one
 _MIN_CUT_INTERVAL_S = 1.0  # answers to requests sent together cut the rate once
+_BUSY_DELAY_S = 1.0  # a job over its destination's max_in_flight comes back after about this
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class _Destination:
 
     __slots__ = (
         "deferred_until",
+        "in_flight",
         "last_cut",
         "lowered",
         "paused_until",
@@ -91,6 +97,7 @@ class _Destination:
         self.last_cut = -math.inf
         self.deferred_until = -math.inf  # where the last delayed job was spread to
         self.throttled = 0
+        self.in_flight = 0  # admitted and not done (counted while max_in_flight is on)
 
     def per_second(self, now: float, recovery_s: float) -> float | None:
         """The rate in force at `now`: the configured one, or a lowered one climbing back."""
@@ -123,7 +130,8 @@ class DestinationLimits:
     """The rate limits of one worker's destinations (keys like `webhook:host:443`).
 
     At most `max_keys` destinations are remembered, least recently used
-    dropped first (a dropped one starts afresh, with a full burst). `clock`
+    dropped first (a dropped one starts afresh, with a full burst); one with
+    jobs in flight is kept, so the bound can be exceeded meanwhile. `clock`
     and `sleep` are injectable so tests can run on a virtual clock.
     """
 
@@ -135,6 +143,7 @@ class DestinationLimits:
         max_waiting: int,
         recovery_s: float,
         limited: bool,
+        max_in_flight: int = 0,
         max_keys: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -153,6 +162,7 @@ class DestinationLimits:
             max_waiting=max_waiting,
             recovery_s=recovery_s,
             limited=limited,
+            max_in_flight=max_in_flight,
         )
 
     def __repr__(self) -> str:
@@ -166,40 +176,67 @@ class DestinationLimits:
         max_waiting: int,
         recovery_s: float,
         limited: bool,
+        max_in_flight: int = 0,
     ) -> None:
         """Apply new rates from now on; pauses and cuts in force are kept.
 
         `limited` says whether `rate_of` may return a rate for any key (when it
         is False and nothing is paused, :meth:`admit` costs nothing).
         """
-        if max_wait_s < 0 or max_waiting < 0 or not recovery_s > 0:
-            raise ValueError("max_wait_s and max_waiting must be >= 0, recovery_s > 0")
+        if max_wait_s < 0 or max_waiting < 0 or max_in_flight < 0 or not recovery_s > 0:
+            raise ValueError(
+                "max_wait_s, max_waiting and max_in_flight must be >= 0, recovery_s > 0"
+            )
         self._rate_of = rate_of
         self._max_wait_s = max_wait_s
         self._max_waiting = max_waiting
         self._recovery_s = recovery_s
         self._limited = limited
+        self._max_in_flight = max_in_flight
         for key, state in self._states.items():
             state.rate = rate_of(key)
             if state.rate is None:
                 state.lowered = None
             elif state.lowered is not None:
                 state.lowered = min(state.lowered, state.rate.per_second)
-        self.engaged = limited or bool(self._states)
+        self.engaged = limited or max_in_flight > 0 or bool(self._states)
 
     def admit(self, key: str) -> Awaitable[None] | None:
         """None when a job for `key` may go now; an awaitable that waits for its turn when
-        that is near; raise :class:`Throttled` (delay the job) when it is not."""
+        that is near; raise :class:`Throttled` (delay the job) when it is not.
+
+        Every job admitted (not delayed) is reported to :meth:`done` once it is over.
+        """
         if not self.engaged:
             return None
         state = self._states.get(key)
         if state is None:
             rate = self._rate_of(key) if self._limited else None
-            if rate is None:
+            if rate is None and not self._max_in_flight:
                 return None
             state = self._add(key, rate)
         else:
             self._states.move_to_end(key)
+        if self._max_in_flight:
+            if state.in_flight >= self._max_in_flight:
+                state.throttled += 1
+                raise Throttled(key, _BUSY_DELAY_S)
+            state.in_flight += 1
+            try:
+                return self._turn(key, state)
+            except Throttled:
+                state.in_flight -= 1
+                raise
+        return self._turn(key, state)
+
+    def done(self, key: str) -> None:
+        """A job that :meth:`admit` let through has finished: one fewer in flight."""
+        state = self._states.get(key)
+        if state is not None and state.in_flight > 0:
+            state.in_flight -= 1
+
+    def _turn(self, key: str, state: _Destination) -> Awaitable[None] | None:
+        """Reserve the job's turn at its destination's rate, or raise Throttled."""
         now = self._clock()
         allowed_at, interval = state.turn(now, self._recovery_s)
         wait = allowed_at - now
@@ -258,7 +295,12 @@ class DestinationLimits:
     def _add(self, key: str, rate: Rate | None) -> _Destination:
         state = self._states[key] = _Destination(rate)
         while len(self._states) > self._max_keys:
-            self._states.popitem(last=False)
+            idle = next(
+                (k for k, s in self._states.items() if not s.in_flight and s is not state), None
+            )
+            if idle is None:
+                break
+            del self._states[idle]
         self.engaged = True
         return state
 

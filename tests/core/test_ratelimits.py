@@ -286,3 +286,60 @@ def test_rate_must_be_positive() -> None:
         Rate(0, 1)
     with pytest.raises(ValueError, match="burst"):
         Rate(1, 0)
+
+
+def test_max_in_flight_caps_the_jobs_of_one_destination_under_way() -> None:
+    """Two under way to A: a third is delayed (no try) until one is done; B is not capped."""
+    clock = VirtualClock()
+    lim = limits(clock, lambda _key: None, limited=False)
+    lim.reconfigure(
+        lambda _key: None, max_wait_s=1, max_waiting=5, recovery_s=1, limited=False, max_in_flight=2
+    )
+    assert lim.engaged
+    assert lim.admit(A) is None and lim.admit(A) is None
+    with pytest.raises(Throttled) as caught:
+        lim.admit(A)
+    assert caught.value.remaining > 0
+    assert lim.admit(B) is None and lim.admit(B) is None
+    lim.done(A)
+    assert lim.admit(A) is None
+
+
+def test_a_job_delayed_for_its_rate_does_not_count_as_in_flight() -> None:
+    """Only admitted jobs hold a place under max_in_flight."""
+    clock = VirtualClock()
+    lim = limits(clock, only(A, Rate(1, 1)), max_wait_s=0)
+    lim.reconfigure(
+        only(A, Rate(1, 1)),
+        max_wait_s=0,
+        max_waiting=5,
+        recovery_s=1,
+        limited=True,
+        max_in_flight=1,
+    )
+    assert lim.admit(A) is None
+    lim.done(A)
+    with pytest.raises(Throttled):
+        lim.admit(A)  # over the rate: delayed, and not counted
+    clock.now += 1
+    assert lim.admit(A) is None
+
+
+def test_a_destination_with_jobs_in_flight_is_not_forgotten() -> None:
+    """The bound on destinations never drops one whose in-flight count is still needed."""
+    clock = VirtualClock()
+    lim = DestinationLimits(
+        lambda _key: None,
+        max_wait_s=0,
+        max_waiting=1,
+        recovery_s=1,
+        limited=False,
+        max_in_flight=1,
+        max_keys=1,
+        clock=clock,
+    )
+    assert lim.admit("webhook:x:1") is None
+    assert lim.admit("webhook:y:1") is None
+    for key in ("webhook:x:1", "webhook:y:1"):
+        with pytest.raises(Throttled):
+            lim.admit(key)

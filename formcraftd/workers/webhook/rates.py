@@ -68,6 +68,7 @@ def destination_limits(config: WebhookWorkerConfig) -> DestinationLimits:
         max_waiting=config.concurrency,
         recovery_s=limits.recovery_s,
         limited=_limited(limits),
+        max_in_flight=limits.max_in_flight,
     )
 
 
@@ -80,4 +81,5 @@ def reconfigure_limits(limits: DestinationLimits, config: WebhookWorkerConfig) -
         max_waiting=config.concurrency,
         recovery_s=section.recovery_s,
         limited=_limited(section),
+        max_in_flight=section.max_in_flight,
     )

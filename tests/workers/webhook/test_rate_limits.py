@@ -150,3 +150,34 @@ async def test_a_job_held_back_past_max_job_age_is_dead_lettered_as_job_expired(
     assert dead.headers["x-formcraft-error-code"] == "JOB_EXPIRED"
     assert dead.headers["x-formcraft-attempts"] == 0
     assert len(receiver.requests) == 1
+
+
+async def test_a_slow_destination_capped_by_max_in_flight_leaves_slots_to_the_others(
+    names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
+) -> None:
+    """A answers after 2 s; with max_in_flight = 2 of 5 slots, B's jobs all arrive
+    before A's third call, which must wait for one of A's first two to end."""
+
+    async def slow(_request: web.Request, _n: int) -> web.StreamResponse:
+        await asyncio.sleep(2)
+        return web.Response(text="ok")
+
+    sluggish = await receiver_factory(slow)
+    free = await receiver_factory()
+    cfg = make_config(
+        names, webhook={"concurrency": 5, "rate_limit": {"max_in_flight": 2}}, retry={"attempts": 1}
+    )
+    daemon = await start_daemon(cfg)
+    queue = cfg.workers.webhook.queue
+    for _ in range(6):
+        await amqp.publish(queue, webhook_job(sluggish.url))
+    for _ in range(10):
+        await amqp.publish(queue, webhook_job(free.url))
+    b = await free.wait_for(10)
+    a = await sluggish.wait_for(3, timeout=30)
+    assert max(r.at for r in b) < sorted(r.at for r in a)[2]
+    await sluggish.wait_for(6, timeout=60)
+    await asyncio.sleep(0.3)
+    assert tries_per_job(sluggish.requests) == [1] * 6
+    assert await amqp.depth(f"dlq.{queue}") == 0
+    assert throttled(daemon, queue).get(f"webhook:127.0.0.1:{sluggish.port}", 0) >= 1
