@@ -448,6 +448,32 @@ def micro() -> None:
 
     case("SettledDeliveries.add (holding 100,000)")(settled)
 
+    def admission(rate_limit: str) -> Callable[[], Callable[[], object]]:
+        """What the pipeline does for a job's turn before its concurrency slot."""
+
+        def setup() -> Callable[[], object]:
+            text = f"[workers.webhook.rate_limit]\n{rate_limit}\n"
+            section = config.parse(text, source="micro", environ={}).workers.webhook
+            handler = webhook.WebhookHandler(section, user_agent="formcraftd/bench")
+
+            def turn() -> object:
+                limits = handler.rate_limits
+                if limits is not None and limits.engaged:
+                    return limits.admit(handler.breaker_key(job))
+                return None
+
+            return turn
+
+        return setup
+
+    case("rate limits: none configured (the shipped default)")(admission(""))
+    case("rate limits: this destination limited, within its rate")(
+        admission("requests_per_second = 1000000\nburst = 1000000")
+    )
+    case("rate limits: another destination limited, this one not")(
+        admission('hosts = [{ host = "example.com", requests_per_second = 5 }]')
+    )
+
     print("\nPer call, in isolation (timeit, best of 7, this machine):")
     for label, setup in cases:
         try:

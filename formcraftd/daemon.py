@@ -260,6 +260,7 @@ class Daemon:
             consumer.stats,
             in_flight=lambda: consumer.in_flight,
             concurrency=lambda: consumer.limiter.limit,
+            rate_limits=handler.rate_limits,
         )
 
     async def _close(self) -> None:

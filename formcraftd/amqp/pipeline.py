@@ -1,4 +1,4 @@
-"""One delivery's way through the daemon: decode -> limit -> breaker -> handler -> outcome.
+"""One delivery's way through the daemon: decode -> rate -> limit -> breaker -> handler -> outcome.
 
 :class:`JobPipeline` is what the consumer runs for each message it is given. It
 owns retries, dead letters and the per-job counts once, for every worker; a
@@ -32,7 +32,14 @@ from formcraftd.core import jobs
 from formcraftd.core.attempts import Attempt, AttemptReporter, JobOutcome
 from formcraftd.core.breakers import BreakerRegistry
 from formcraftd.core.config import AnyWorkerConfig, BreakerConfig, DaemonConfig, WorkerKind
-from formcraftd.core.errors import BreakerOpen, BrokerError, PermanentFailure, RetryLater
+from formcraftd.core.errors import (
+    BreakerOpen,
+    BrokerError,
+    Delayed,
+    PermanentFailure,
+    RetryLater,
+    Throttled,
+)
 from formcraftd.core.handler import Delivered, Handler, JobContext
 from formcraftd.core.jobs import Job, JobInvalid
 from formcraftd.core.limits import ResizableLimiter
@@ -50,7 +57,8 @@ class JobPipeline:
 
     The consumer sets `republisher` to the one on its current channel (a
     reconnect brings a new channel) and adds each delivery's task to `waiting`
-    until the task gets a concurrency slot; `in_flight` counts jobs in a handler.
+    until the task gets a concurrency slot (a job waiting for its destination's
+    rate limit is still waiting); `in_flight` counts jobs in a handler.
     """
 
     def __init__(
@@ -142,13 +150,34 @@ class JobPipeline:
             self.waiting.discard(task)
             await self._settle_outcome(message, None, ctx, job, 0.0)
             return
-        if self.handler.batching:
-            ctx = dataclasses.replace(ctx, slot=self.limiter)
-            result, duration = await self._run_handler(job, ctx, task)
+        limits = self.handler.rate_limits
+        if limits is not None and limits.engaged:
+            # The destination's turn comes before a concurrency slot: waiting never holds one.
+            key = self.handler.breaker_key(job)
+            try:
+                turn = limits.admit(key)
+            except Throttled as throttled:
+                self.waiting.discard(task)
+                await self._settle_outcome(message, job, ctx, throttled, 0.0)
+                return
+            try:
+                if turn is not None:
+                    await turn
+                result, duration = await self._run_in_slot(job, ctx, task)
+            finally:
+                limits.done(key)
         else:
-            async with self.limiter:
-                result, duration = await self._run_handler(job, ctx, task)
+            result, duration = await self._run_in_slot(job, ctx, task)
         await self._settle_outcome(message, job, ctx, result, duration)
+
+    async def _run_in_slot(
+        self, job: Job, ctx: JobContext, task: asyncio.Task[None]
+    ) -> tuple[Exception | Delivered | None, float]:
+        """One try within the queue's concurrency limit (a batching handler holds it itself)."""
+        if self.handler.batching:
+            return await self._run_handler(job, dataclasses.replace(ctx, slot=self.limiter), task)
+        async with self.limiter:
+            return await self._run_handler(job, ctx, task)
 
     async def _handle_redelivery(self, message: Delivery, ctx: JobContext) -> bool:
         """Settle a redelivered message without running it, when that is the safe thing.
@@ -293,7 +322,7 @@ class JobPipeline:
         if outcome != "delayed":
             self._settled.add(ctx.job_id, ctx.attempt - 1)
         self._acks.ack(message)
-        if job is not None and not isinstance(failure, BreakerOpen):
+        if job is not None and not isinstance(failure, Delayed):
             self.stats.durations.observe(duration)
         delivered = result if isinstance(result, Delivered) else None
         self._report(Attempt(self.kind, self.queue, ctx, job, outcome, final, delivered, duration))
@@ -306,8 +335,8 @@ class JobPipeline:
         failure: Exception,
     ) -> tuple[JobOutcome, Exception]:
         """Publish where a failed job goes next; the outcome and the failure that decided it."""
-        if isinstance(failure, BreakerOpen):
-            return await self._delay_for_breaker(message, ctx, failure)
+        if isinstance(failure, Delayed):
+            return await self._delay(message, ctx, failure)
         if isinstance(failure, RetryLater) and self._schedule.tries_left(ctx.attempt):
             await self._retry(message, job, ctx, failure)
             self.stats.retry += 1
@@ -347,14 +376,18 @@ class JobPipeline:
         headers[ATTEMPT_HEADER] = ctx.attempt
         await self._republisher.to_tier(message, ctx.job_id, body, headers, tier)
 
-    async def _delay_for_breaker(
-        self, message: Delivery, ctx: JobContext, failure: BreakerOpen
+    async def _delay(
+        self, message: Delivery, ctx: JobContext, failure: Delayed
     ) -> tuple[JobOutcome, Exception]:
+        """Delay the job without using a try (an open breaker, a rate limit), or dead-letter
+        it with the delay's `expired_code` once it is older than `max_job_age_ms`."""
         now_ms = time.time() * 1000
         first_seen = first_seen_ms(message, now_ms)
         if now_ms - first_seen > self._breaker_config.max_job_age_ms:
             expired = PermanentFailure(
-                "BREAKER_OPEN", f"{failure} for longer than the job may wait", reached_service=False
+                failure.expired_code,
+                f"{failure} for longer than the job may wait",
+                reached_service=False,
             )
             await self._republisher.dead_letter(message, ctx.job_id, expired, ctx.attempt - 1)
             self.stats.dead_letter += 1

@@ -120,6 +120,50 @@ class _WorkerBase(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_priority: MaxPriority = 0
 
 
+RequestsPerSecond = Annotated[float, msgspec.Meta(ge=0, le=1_000_000)]
+Burst = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+
+# A destination's host: a name or an IPv4 address, `*.` + a domain for every host
+# under it, or a bracketed IPv6 address; optionally `:port` for that port only.
+_HOST_PATTERN = re.compile(
+    r"^(?:\*\.)?(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+    r"(?::[0-9]{1,5})?$|^\[[0-9a-f:.]+\](?::[0-9]{1,5})?$"
+)
+
+
+class HostRateLimit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A rate for the destinations whose host matches `host` (overrides the section's)."""
+
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=260)]
+    requests_per_second: RequestsPerSecond
+    burst: Burst | None = None  # None: the section's burst
+
+    def __post_init__(self) -> None:
+        if not _HOST_PATTERN.match(self.host):
+            raise ValueError(
+                "host must be a host name, `*.` and a domain, or an IP address "
+                "(lowercase, optionally with :port)"
+            )
+
+
+class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-destination (`host:port`) rate limits of the webhook worker."""
+
+    requests_per_second: RequestsPerSecond = 0.0  # every destination's own rate; 0 = no limit
+    burst: Burst = 10
+    max_wait_ms: NonNegativeInt = 1000  # longest wait in the process; longer: a wait queue
+    recovery_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
+    max_in_flight: NonNegativeInt = 0  # jobs of one destination under way at once; 0 = no cap
+    hosts: tuple[HostRateLimit, ...] = ()
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for rule in self.hosts:
+            if rule.host in seen:
+                raise ValueError(f"host {rule.host!r} is given twice")
+            seen.add(rule.host)
+
+
 class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
     queue: QueueName = "webhook_tasks"
     dead_letter_exchange: QueueName = "dlx.webhook"
@@ -128,6 +172,7 @@ class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown
     max_response_bytes: NonNegativeInt = 65_536
     allow_private_networks: bool = False
     allowed_networks: tuple[str, ...] = ()
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
 
 class EmailWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -1,9 +1,10 @@
 """The exception tree of formcraftd.
 
 One root, :class:`FormcraftError`. Configuration and broker problems are plain
-errors; the *job-fate* exceptions (:class:`PermanentFailure`, :class:`RetryLater`,
-:class:`BreakerOpen`) are control flow that a handler raises and the generic
-consumer turns into a dead letter, a delayed retry or a delay without a try.
+errors; the *job-fate* exceptions (:class:`PermanentFailure`, :class:`RetryLater`
+and the :class:`Delayed` ones, :class:`BreakerOpen` and :class:`Throttled`) are
+control flow that a handler (or the consumer) raises and the generic consumer
+turns into a dead letter, a delayed retry or a delay without a try.
 They carry the data that log lines, DLQ headers and metrics need.
 """
 
@@ -71,7 +72,8 @@ ERROR_CODES: dict[str, str] = {
     "CONNECTION_ERROR": "the connection was refused, reset or lost",
     "DNS_ERROR": "the destination's host name could not be looked up",
     "TLS_ERROR": "the TLS handshake or the certificate check failed",
-    "RATE_LIMITED": "the receiver answered 429 Too Many Requests",
+    "RATE_LIMITED": "the receiver answered 429 Too Many Requests, or the job was delayed "
+    "without a try to keep its destination's rate limit",
     "PROXY_ERROR": "the egress proxy could not be reached or refused the connection",
     "SMTP_TEMPORARY": "the SMTP relay answered 4xx (a recipient, MAIL or DATA)",
     "SMTP_CONNECTION": "the SMTP relay could not be reached, or the connection was lost",
@@ -173,15 +175,40 @@ class RetryLater(JobFailure):
         return f"RetryLater({self.code}, {self.reason!r}, after={self.after}, status={self.status})"
 
 
-class BreakerOpen(JobFailure):
-    """The breaker for `key` is open for `remaining` more seconds; delay without a try."""
+class Delayed(JobFailure):
+    """Delay the job `remaining` seconds without using a try (the consumer picks the wait queue).
 
-    code: ErrorCode = "BREAKER_OPEN"
+    `key` names what holds it back (a breaker or rate-limit key). A job delayed
+    past `breaker.max_job_age_ms` is dead-lettered with `expired_code`.
+    """
 
-    def __init__(self, key: str, remaining: float) -> None:
-        super().__init__(f"circuit breaker {key} is open")
+    expired_code: ErrorCode
+
+    def __init__(self, message: str, key: str, remaining: float) -> None:
+        super().__init__(message)
         self.key = key
         self.remaining = remaining
 
     def __repr__(self) -> str:
-        return f"BreakerOpen({self.key!r}, remaining={self.remaining:.3f})"
+        return f"{type(self).__name__}({self.key!r}, remaining={self.remaining:.3f})"
+
+
+class BreakerOpen(Delayed):
+    """The breaker for `key` is open for `remaining` more seconds; delay without a try."""
+
+    code: ErrorCode = "BREAKER_OPEN"
+    expired_code: ErrorCode = "BREAKER_OPEN"
+
+    def __init__(self, key: str, remaining: float) -> None:
+        super().__init__(f"circuit breaker {key} is open", key, remaining)
+
+
+class Throttled(Delayed):
+    """The destination `key` is over its rate limit (or paused by a 429/503) for
+    `remaining` more seconds, longer than a job may wait in the process; delay without a try."""
+
+    code: RetryCode = "RATE_LIMITED"
+    expired_code: ErrorCode = "JOB_EXPIRED"
+
+    def __init__(self, key: str, remaining: float) -> None:
+        super().__init__(f"{key} is over its rate limit", key, remaining)

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from formcraftd.core.events import Emit
 from formcraftd.core.jobs import EmailJob, SheetsJob, WebhookJob
+from formcraftd.core.ratelimits import DestinationLimits
 
 J = TypeVar("J", WebhookJob, EmailJob, SheetsJob)
 
@@ -87,6 +88,12 @@ class Handler(Protocol[J]):
     # False: the consumer holds a concurrency slot for the whole of `handle`.
     # True: `handle` may wait to join a batch and holds `ctx.slot` around its remote call.
     batching: bool
+
+    @property
+    def rate_limits(self) -> DestinationLimits | None:
+        """Per-destination rate limits (keyed by `breaker_key`) that the consumer waits
+        for before a job takes a concurrency slot; None for a worker without them."""
+        ...
 
     def prefetch(self, concurrency: int) -> int:
         """How many unacked messages the broker may push to this worker."""

@@ -33,6 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from formcraftd.core.breakers import STATE_VALUES, BreakerState
+from formcraftd.core.ratelimits import DestinationLimits
 from formcraftd.core.stats import QueueStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -45,6 +46,7 @@ class _WatchedQueue:
     stats: QueueStats
     in_flight: Callable[[], int]
     concurrency: Callable[[], int]
+    rate_limits: DestinationLimits | None = None
 
 
 _OUTCOMES = ("success", "retry", "dead_letter", "delayed")
@@ -60,7 +62,7 @@ class _QueueCollector(Collector):
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        jobs, errors, duplicates, durations, in_flight, limit = self._families()
+        jobs, errors, duplicates, durations, in_flight, limit, throttled, rate = self._families()
         for queue, watched in list(self._queues.items()):
             stats = watched.stats
             for outcome in _OUTCOMES:
@@ -71,7 +73,12 @@ class _QueueCollector(Collector):
             durations.add_metric([queue], stats.durations.cumulative(), stats.durations.sum)
             in_flight.add_metric([queue], watched.in_flight())
             limit.add_metric([queue], watched.concurrency())
-        yield from (jobs, errors, duplicates, durations, in_flight, limit)
+            if watched.rate_limits is not None:
+                for destination in watched.rate_limits.report():
+                    throttled.add_metric([queue, destination.key], destination.throttled)
+                    if destination.rate is not None:
+                        rate.add_metric([queue, destination.key], destination.rate)
+        yield from (jobs, errors, duplicates, durations, in_flight, limit, throttled, rate)
 
     @staticmethod
     def _families() -> tuple[
@@ -80,6 +87,8 @@ class _QueueCollector(Collector):
         CounterMetricFamily,
         HistogramMetricFamily,
         GaugeMetricFamily,
+        GaugeMetricFamily,
+        CounterMetricFamily,
         GaugeMetricFamily,
     ]:
         return (
@@ -108,6 +117,17 @@ class _QueueCollector(Collector):
                 "formcraftd_concurrency_limit",
                 "Concurrency limit of each queue.",
                 labels=["queue"],
+            ),
+            CounterMetricFamily(
+                "formcraftd_jobs_throttled",
+                "Jobs that waited for their destination's rate limit or were delayed by it.",
+                labels=["queue", "destination"],
+            ),
+            GaugeMetricFamily(
+                "formcraftd_destination_rate_limit",
+                "Requests per second allowed to a destination slowed down by 429/503 "
+                "(0 while paused).",
+                labels=["queue", "destination"],
             ),
         )
 
@@ -166,9 +186,11 @@ class Metrics:
         *,
         in_flight: Callable[[], int],
         concurrency: Callable[[], int],
+        rate_limits: DestinationLimits | None = None,
     ) -> None:
-        """Export `queue`'s counts, and its in-flight jobs and limit read at scrape time."""
-        self._queues[queue] = _WatchedQueue(stats, in_flight, concurrency)
+        """Export `queue`'s counts, and its in-flight jobs, limit and throttled
+        destinations read at scrape time."""
+        self._queues[queue] = _WatchedQueue(stats, in_flight, concurrency, rate_limits)
 
     def breaker_changed(self, key: str, state: BreakerState) -> None:
         self.breaker_state.labels(key).set(STATE_VALUES[state])

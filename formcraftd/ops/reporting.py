@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from formcraftd.core.attempts import Attempt, delivery_event
-from formcraftd.core.errors import BreakerOpen, JobFailure, PermanentFailure, RetryLater
+from formcraftd.core.errors import Delayed, JobFailure, PermanentFailure, RetryLater
 from formcraftd.core.events import Emit
 from formcraftd.core.text import one_line
 from formcraftd.ops import tracking
@@ -67,7 +67,7 @@ def log_attempt(attempt: Attempt) -> None:
     if failure is not None:
         if isinstance(failure, PermanentFailure):
             reason = failure.reason
-        elif isinstance(failure, RetryLater | BreakerOpen):
+        elif isinstance(failure, RetryLater | Delayed):
             reason = str(failure)
         if isinstance(failure, JobFailure):
             fields["error_code"] = failure.code

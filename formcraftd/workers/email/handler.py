@@ -139,6 +139,7 @@ class EmailHandler:
     kind = "email"
     job_type = EmailJob
     batching = False
+    rate_limits = None  # one relay: its concurrency is the limit
 
     def __init__(
         self,

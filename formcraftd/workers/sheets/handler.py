@@ -150,6 +150,7 @@ class SheetsHandler:
     kind = "sheets"
     job_type = SheetsJob
     batching = True
+    rate_limits = None  # its own token buckets, inside the batching
 
     def __init__(
         self, config: SheetsWorkerConfig, *, user_agent: str, emit: Emit | None = None

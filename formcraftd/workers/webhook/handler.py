@@ -34,6 +34,7 @@ from formcraftd.core.redaction import mask_url, redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
+from formcraftd.workers.webhook.rates import destination_limits, reconfigure_limits
 from formcraftd.workers.webhook.request import WebhookRequest, encode_body, payload_headers
 from formcraftd.workers.webhook.signing import signer_for, webhook_id
 from formcraftd.workers.webhook.targets import check_literal_host, target_of
@@ -49,6 +50,7 @@ _SNIPPET_CHARS = 512
 _SNIPPET_BYTES = _SNIPPET_CHARS * 4  # enough UTF-8 for 512 characters
 _READ_CHUNK = 65_536
 _RETRYABLE = frozenset({408, 425, 429})
+_SLOW_DOWN = frozenset({429, 503})  # answers that lower the destination's rate
 
 
 class _Pool:
@@ -129,6 +131,7 @@ class WebhookHandler:
         self._settings = _Settings.from_config(config)
         self._user_agent = user_agent
         self._emit = emit
+        self.rate_limits = destination_limits(config)
         self._pool: _Pool | None = None
         self._retired: list[_Pool] = []
 
@@ -162,6 +165,7 @@ class WebhookHandler:
 
         def apply() -> None:
             self._settings = settings
+            reconfigure_limits(self.rate_limits, config)
 
         return apply
 
@@ -186,6 +190,12 @@ class WebhookHandler:
             pool.inflight -= 1
             if self._retired:
                 await self._close_idle_retired()
+        if response.status in _SLOW_DOWN:
+            self.rate_limits.slow_down(
+                self.breaker_key(job),
+                status=response.status,
+                retry_after_s=parse_retry_after(response.retry_after),
+            )
         log.debug(
             "%s %s -> %s in %.0f ms (job %s, attempt %d)",
             request.method,

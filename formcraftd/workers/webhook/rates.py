@@ -1,0 +1,85 @@
+"""The configured rate of each webhook destination (`[workers.webhook.rate_limit]`).
+
+A destination is a breaker key, `webhook:<host>:<port>`. A `hosts` entry
+matches it by host (`api.example.com`), by host and port
+(`api.example.com:8443`) or by domain (`*.example.com`: every host under
+example.com, each with its own rate); the most specific entry wins (host and
+port, then host, then the longest domain); otherwise the section's own rate
+applies. A rate of 0 means no limit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from formcraftd.core.config import RateLimitConfig, WebhookWorkerConfig
+from formcraftd.core.ratelimits import DestinationLimits, Rate, RateOf
+
+__all__ = ["destination_limits", "rate_of", "reconfigure_limits"]
+
+_CACHE_ENTRIES = 4096
+
+
+def rate_of(config: RateLimitConfig) -> RateOf:
+    """The configured rate of a destination key under `config` (cached per key)."""
+    exact: dict[str, Rate | None] = {}
+    domains: list[tuple[str, Rate | None]] = []
+    for rule in config.hosts:
+        rate = _rate(rule.requests_per_second, rule.burst or config.burst)
+        if rule.host.startswith("*."):
+            domains.append((rule.host[1:], rate))  # ".example.com"
+        else:
+            exact[rule.host] = rate
+    domains.sort(key=lambda item: len(item[0]), reverse=True)
+    default = _rate(config.requests_per_second, config.burst)
+
+    @functools.lru_cache(maxsize=_CACHE_ENTRIES)
+    def lookup(key: str) -> Rate | None:
+        host_port = key.removeprefix("webhook:")
+        host, _, _port = host_port.rpartition(":")
+        for candidate in (host_port, host):
+            if candidate in exact:
+                return exact[candidate]
+        for suffix, rate in domains:
+            if host.endswith(suffix):
+                return rate
+        return default
+
+    return lookup
+
+
+def _limited(config: RateLimitConfig) -> bool:
+    """Whether any destination has a rate under `config`."""
+    return config.requests_per_second > 0 or any(
+        rule.requests_per_second > 0 for rule in config.hosts
+    )
+
+
+def _rate(per_second: float, burst: int) -> Rate | None:
+    return Rate(per_second, burst) if per_second > 0 else None
+
+
+def destination_limits(config: WebhookWorkerConfig) -> DestinationLimits:
+    """The destination limits of a webhook worker with `config`."""
+    limits = config.rate_limit
+    return DestinationLimits(
+        rate_of(limits),
+        max_wait_s=limits.max_wait_ms / 1000,
+        max_waiting=config.concurrency,
+        recovery_s=limits.recovery_s,
+        limited=_limited(limits),
+        max_in_flight=limits.max_in_flight,
+    )
+
+
+def reconfigure_limits(limits: DestinationLimits, config: WebhookWorkerConfig) -> None:
+    """Apply a reloaded section's rates to `limits`."""
+    section = config.rate_limit
+    limits.reconfigure(
+        rate_of(section),
+        max_wait_s=section.max_wait_ms / 1000,
+        max_waiting=config.concurrency,
+        recovery_s=section.recovery_s,
+        limited=_limited(section),
+        max_in_flight=section.max_in_flight,
+    )
