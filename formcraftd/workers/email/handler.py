@@ -199,12 +199,16 @@ class EmailHandler:
         recipients = self._unsuppressed(_recipients(job), ctx)
         message = await self._message(job, ctx, [r.address for r in recipients], settings, renderer)
         started = time.monotonic()
-        try:
-            replies = await self.pool.send(
-                settings.envelope_sender(ctx.job_id), [r.envelope for r in recipients], message
-            )
-        except SmtpError as exc:
-            raise _failure(exc, settings) from None
+        with ctx.trace.client(
+            "smtp send", lambda: _span_attributes(settings, len(recipients), len(message))
+        ) as span:
+            try:
+                replies = await self.pool.send(
+                    settings.envelope_sender(ctx.job_id), [r.envelope for r in recipients], message
+                )
+            except SmtpError as exc:
+                raise _failure(exc, settings) from None
+            span.set_attribute("formcraftd.smtp.refused", len(replies.refused))
         log.debug(
             "job %s: %d accepted, %d refused by %s in %.0f ms (attempt %d)",
             ctx.job_id,
@@ -385,6 +389,16 @@ def _recipients(job: EmailJob) -> list[_Recipient]:
         key = mime.address_key(address)
         unique.setdefault(key, _Recipient(raw, address, key))
     return list(unique.values())
+
+
+def _span_attributes(settings: _Settings, recipients: int, size: int) -> dict[str, str | int]:
+    """The SMTP client span's attributes: the relay and counts, never an address."""
+    return {
+        "server.address": settings.smtp.host,
+        "server.port": settings.smtp.port,
+        "formcraftd.smtp.recipients": recipients,
+        "formcraftd.smtp.message.size": size,
+    }
 
 
 def _failure(exc: SmtpError, settings: _Settings) -> PermanentFailure | RetryLater:
