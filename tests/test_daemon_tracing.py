@@ -7,9 +7,12 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -19,7 +22,7 @@ from formcraftd.core import config
 from formcraftd.core.tracing import PREVIOUS_ATTEMPT_HEADER
 from formcraftd.daemon import Daemon
 from formcraftd.ops import tracing
-from tests.conftest import ReceiverFactory
+from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
 
 pytestmark = pytest.mark.e2e
@@ -191,3 +194,76 @@ async def test_a_dead_letter_carries_the_trace_for_a_replay(
     assert attempt.attributes is not None
     assert attempt.attributes["formcraftd.job.outcome"] == "dead_letter"
     assert attempt.attributes["error.type"] == "HTTP_STATUS"
+
+
+class Collector:
+    """A stand-in for an OpenTelemetry collector on loopback: POST /v1/traces (protobuf)."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+        self.resources: list[dict[str, str]] = []
+        self.changed = asyncio.Condition()
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest.FromString(await request.read())
+        for resource_spans in export.resource_spans:
+            attributes = resource_spans.resource.attributes
+            self.resources.append({a.key: a.value.string_value for a in attributes})
+            for scope_spans in resource_spans.scope_spans:
+                self.spans.extend(scope_spans.spans)
+        async with self.changed:
+            self.changed.notify_all()
+        return web.Response(content_type="application/x-protobuf", body=b"")
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    """A running collector on 127.0.0.1; stopped afterwards."""
+    collector = Collector()
+    app = web.Application()
+    app.router.add_post("/v1/traces", collector.handle)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        collector.port = runner.addresses[0][1]
+        yield collector
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_daemon_with_tracing_enabled_exports_over_otlp_http(
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
+    start_daemon: DaemonFactory,
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """[tracing] enabled and OTEL_EXPORTER_OTLP_ENDPOINT: the attempt and the request
+    reach the collector in the app's trace, under the service name of OTEL_SERVICE_NAME."""
+    for name in ("OTEL_TRACES_SAMPLER", "OTEL_PROPAGATORS", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.port}")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "formcraftd-e2e")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # export within 50 ms
+    receiver = await receiver_factory(statuses(200))
+    cfg = make_config(names, tracing={"enabled": True})
+    await start_daemon(cfg)
+    await amqp.publish(
+        cfg.workers.webhook.queue,
+        webhook_job(receiver.url),
+        headers={"traceparent": APP_TRACEPARENT},
+    )
+    [request] = await receiver.wait_for(1)
+    async with asyncio.timeout(15), collector.changed:
+        await collector.changed.wait_for(lambda: len(collector.spans) >= 2)
+    consumer, client = Span.SPAN_KIND_CONSUMER, Span.SPAN_KIND_CLIENT
+    [attempt] = [span for span in collector.spans if span.kind == consumer]
+    [call] = [span for span in collector.spans if span.kind == client]
+    assert attempt.trace_id.hex() == call.trace_id.hex() == APP_TRACE_ID
+    assert attempt.parent_span_id.hex() == APP_SPAN_ID
+    assert call.parent_span_id == attempt.span_id
+    assert request.headers["traceparent"].split("-")[2] == call.span_id.hex()
+    assert collector.resources[0]["service.name"] == "formcraftd-e2e"
