@@ -15,7 +15,9 @@ republished after an attempt (a retry, a delay, a dead letter) keeps the
 context it came with, or gets this attempt's when it came with none, so every
 attempt of a job, replays from the dead-letter queue included, is in one trace.
 Remote calls are CLIENT spans under their attempt; the webhook request carries
-its span's ``traceparent`` to the receiver.
+its span's ``traceparent`` (and ``tracestate``, never ``baggage``) to the receiver.
+Incoming context is read with the propagators of OTEL_PROPAGATORS (W3C trace
+context and baggage by default).
 
 Spans never carry a secret: URLs go through
 :func:`~formcraftd.core.redaction.mask_url`, and no header or body is recorded.
@@ -201,7 +203,9 @@ class _AttemptSpan:
             ],
         )
         if carrier is not None:
-            propagate.inject(carrier, context=trace.set_span_in_context(span), setter=_SETTER)
+            # W3C trace context only, whatever OTEL_PROPAGATORS says: the receiver is a
+            # third party, and baggage (the app's own key-values) is not for it.
+            _W3C.inject(carrier, context=trace.set_span_in_context(span), setter=_SETTER)
         return _ClientSpan(span)
 
     def carry(self, headers: dict[str, Any]) -> None:

@@ -131,10 +131,12 @@ def test_a_failed_attempt_carries_the_jobs_error_code(
 
 
 def test_a_client_span_is_a_child_of_its_attempt_and_its_context_goes_out(traced: Traced) -> None:
-    """A client span's traceparent replaces one the job set, in whatever case, in the headers."""
+    """A client span's traceparent replaces one the job set, in whatever case, in the headers;
+    the tracestate goes along, the app's baggage does not."""
     headers = {"Content-Type": "application/json", "TraceParent": "00-stale"}
+    incoming = {"traceparent": APP_TRACEPARENT, "tracestate": "app=1", "baggage": "user=ada"}
     with (
-        traced.attempt({"traceparent": APP_TRACEPARENT}) as trace,
+        traced.attempt(incoming) as trace,
         trace.client("POST", lambda: {"server.address": "hooks.example"}, carrier=headers) as call,
     ):
         call.set_attribute("http.response.status_code", 503)
@@ -148,6 +150,8 @@ def test_a_client_span_is_a_child_of_its_attempt_and_its_context_goes_out(traced
     assert client.attributes["server.address"] == "hooks.example"
     assert client.attributes["error.type"] == "503"
     assert "TraceParent" not in headers
+    assert headers["tracestate"] == "app=1"
+    assert "baggage" not in headers
     assert headers["traceparent"] == (f"00-{APP_TRACE_ID}-{hex_id(client.context.span_id, 16)}-01")
 
 
