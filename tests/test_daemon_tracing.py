@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from formcraftd.amqp import dead_letters
 from formcraftd.core import config
 from formcraftd.core.tracing import PREVIOUS_ATTEMPT_HEADER
 from formcraftd.daemon import Daemon
@@ -194,6 +195,38 @@ async def test_a_dead_letter_carries_the_trace_for_a_replay(
     assert attempt.attributes is not None
     assert attempt.attributes["formcraftd.job.outcome"] == "dead_letter"
     assert attempt.attributes["error.type"] == "HTTP_STATUS"
+
+
+async def test_a_replayed_dead_letter_continues_the_trace_linked_to_its_last_attempt(
+    names: Names,
+    amqp: Broker,
+    receiver_factory: ReceiverFactory,
+    start_traced: TracedDaemon,
+    spans: Spans,
+) -> None:
+    """410, then a replay from the DLQ and 200: both attempts under the app's span, the
+    replayed one linked to the dead-lettered one."""
+    receiver = await receiver_factory(statuses(410, 200))
+    cfg = make_config(names)
+    await start_traced(cfg)
+    queue = cfg.workers.webhook.queue
+    await amqp.publish(queue, webhook_job(receiver.url), headers={"traceparent": APP_TRACEPARENT})
+    # The attempt's span ends once the dead letter is confirmed: it is in the DLQ by then.
+    await spans.wait_for(SpanKind.CONSUMER, 1)
+    channel = await amqp.connection.channel(publisher_confirms=True)
+    try:
+        assert (await dead_letters.replay(channel, queue)).replayed == 1
+    finally:
+        await channel.close()
+    await receiver.wait_for(2)
+    first, replayed = await spans.wait_for(SpanKind.CONSUMER, 2)
+    assert replayed.context.trace_id == first.context.trace_id
+    assert replayed.parent is not None
+    assert format(replayed.parent.span_id, "016x") == APP_SPAN_ID
+    [link] = replayed.links
+    assert link.context.span_id == first.context.span_id
+    assert replayed.attributes is not None
+    assert replayed.attributes["formcraftd.job.outcome"] == "success"
 
 
 class Collector:
