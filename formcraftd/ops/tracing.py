@@ -25,7 +25,6 @@ Spans never carry a secret: URLs go through
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -50,8 +49,6 @@ from formcraftd.core.tracing import (
 )
 
 __all__ = ["OtelTracer", "resource", "start"]
-
-log = logging.getLogger("formcraftd.tracing")
 
 _W3C = TraceContextTextMapPropagator()
 
