@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -33,25 +32,37 @@ APP_SPAN_ID = "b7ad6b7169203331"
 APP_TRACEPARENT = f"00-{APP_TRACE_ID}-{APP_SPAN_ID}-01"
 
 
+class NotifyingExporter(InMemorySpanExporter):
+    """Keeps finished spans and sets `changed` (the daemon ends spans in the loop's thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = super().export(spans)
+        self.changed.set()
+        return result
+
+
 class Spans:
     """The spans the daemon finished, kept in memory."""
 
     def __init__(self) -> None:
-        self.exporter = InMemorySpanExporter()
+        self.exporter = NotifyingExporter()
         self.tracer = tracing.start(SimpleSpanProcessor(self.exporter))
 
     async def wait_for(
         self, kind: SpanKind, count: int, timeout: float = 15.0
     ) -> list[ReadableSpan]:
         """The first `count` finished spans of `kind`, in the order they ended."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [s for s in self.exporter.get_finished_spans() if s.kind is kind]
-            if len(found) >= count:
-                return found[:count]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(found)} of {count} {kind.name} spans")
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(timeout):
+            while True:
+                self.exporter.changed.clear()
+                found = [s for s in self.exporter.get_finished_spans() if s.kind is kind]
+                if len(found) >= count:
+                    return found[:count]
+                await self.exporter.changed.wait()
 
 
 @pytest.fixture
