@@ -61,12 +61,12 @@ $(BIN)/python:
 
 # Re-installs whenever a lock file it installs from or pyproject.toml (the project's
 # own metadata: entry points, package data) is newer than the stamp. Order: the build
-# backend, the locked dev environment (runtime + dev + sentry), then the project itself
+# backend, the locked dev environment (runtime + dev + sentry + otel), then the project itself
 # with --no-deps --no-build-isolation, so nothing outside the locks is installed.
 $(STAMP): $(REQ)/build.txt $(REQ)/dev.txt pyproject.toml | $(BIN)/python
 	@echo "venv: installing the build backend from $(REQ)/build.txt"
 	$(PIP_LOCKED) -r $(REQ)/build.txt
-	@echo "venv: installing the locked dev environment from $(REQ)/dev.txt (runtime + dev + sentry)"
+	@echo "venv: installing the locked dev environment from $(REQ)/dev.txt (runtime + dev + sentry + otel)"
 	$(PIP_LOCKED) -r $(REQ)/dev.txt
 	@echo "venv: installing formcraftd itself (editable, no dependencies)"
 	$(PIP) install --no-deps --no-build-isolation --no-input -e .
@@ -83,12 +83,12 @@ $(STAMP): $(REQ)/build.txt $(REQ)/dev.txt pyproject.toml | $(BIN)/python
 lock: $(if $(filter $(BIN)/uv,$(UV)),venv)
 	@echo "lock: $(REQ)/runtime.txt (the runtime dependencies: what a service installs)"
 	$(UV_COMPILE) pyproject.toml -o $(REQ)/runtime.txt
-	@echo "lock: $(REQ)/dev.txt (runtime + dev + sentry: .venv, CI)"
-	$(UV_COMPILE) pyproject.toml --extra dev --extra sentry -c $(REQ)/runtime.txt \
+	@echo "lock: $(REQ)/dev.txt (runtime + dev + sentry + otel: .venv, CI)"
+	$(UV_COMPILE) pyproject.toml --extra dev --extra sentry --extra otel -c $(REQ)/runtime.txt \
 		-o $(REQ)/dev.txt
 	@echo "lock: $(REQ)/bench.txt (dev + bench: what make bench adds)"
-	$(UV_COMPILE) pyproject.toml --extra dev --extra sentry --extra bench -c $(REQ)/dev.txt \
-		-o $(REQ)/bench.txt
+	$(UV_COMPILE) pyproject.toml --extra dev --extra sentry --extra otel --extra bench \
+		-c $(REQ)/dev.txt -o $(REQ)/bench.txt
 	@echo "lock: $(REQ)/build.txt (the build backend of [build-system])"
 	$(PYTHON) -c 'import tomllib; \
 		print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
@@ -174,7 +174,7 @@ test-lowest: venv rabbitmq chromium
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	@echo "test-lowest: resolving the lowest allowed versions into $(LOWEST_VENV)/requirements.txt"
-	$(UV) pip compile --quiet pyproject.toml --extra dev --extra sentry \
+	$(UV) pip compile --quiet pyproject.toml --extra dev --extra sentry --extra otel \
 		--resolution lowest-direct --python $(LOWEST_VENV)/bin/python --no-header \
 		-o $(LOWEST_VENV)/requirements.txt
 	@echo "test-lowest: installing them into $(LOWEST_VENV)"

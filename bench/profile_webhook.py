@@ -20,7 +20,7 @@ thread, so samples / rate / jobs is CPU per job), and writes the raw profile
 to bench/results/profile-<variant>.pyspy.txt (+ .json) or .cprofile.
 
     python bench/profile_webhook.py [--jobs 20000] [--concurrency 64] [--tool py-spy|cprofile]
-        [--target formcraftd|bare] [--no-events] [--log-level info] [--top 25]
+        [--target formcraftd|bare] [--no-events] [--tracing] [--log-level info] [--top 25]
     python bench/profile_webhook.py --compare bench/results/profile-bare.pyspy.txt \\
         bench/results/profile-formcraftd.pyspy.txt      # µs/job side by side
     python bench/profile_webhook.py --micro             # the hot path's pieces, timeit
@@ -57,6 +57,7 @@ from webhook_throughput import (
     clean_env,
     job_body,
     publish_jobs,
+    tracing_env,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,8 +100,9 @@ async def profile_py_spy(args: argparse.Namespace, stage: Stage, receiver: Recei
         "--output", str(out), "--", *target,
     ]  # fmt: skip
     await receiver.reset()
+    env = clean_env(**(tracing_env(receiver) if args.tracing else {}))
     spy = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(), cwd=ROOT
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT
     )
     try:
         started = time.monotonic()
@@ -148,6 +150,7 @@ def _variant(args: argparse.Namespace) -> str:
         "formcraftd"
         + ("-noevents" if args.no_events else "")
         + ("" if args.log_level == "info" else f"-{args.log_level}")
+        + ("-traced" if args.tracing else "")
     )
 
 
@@ -534,7 +537,7 @@ def micro() -> None:
 
 async def run(args: argparse.Namespace) -> Path:
     RESULTS.mkdir(exist_ok=True)
-    features = Features(events=not args.no_events, log_level=args.log_level)
+    features = Features(events=not args.no_events, log_level=args.log_level, tracing=args.tracing)
     async with Receiver() as receiver, Stage(args.concurrency, features) as stage:
         started = time.monotonic()
         await publish_jobs(stage.queue, args.jobs, receiver.url)
@@ -557,6 +560,9 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--no-events", action="store_true")
+    parser.add_argument(
+        "--tracing", action="store_true", help="py-spy only: OpenTelemetry on, 100 %% sampled"
+    )
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument(

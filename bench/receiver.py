@@ -1,6 +1,9 @@
 """A webhook sink for benchmarks: answers 200 and counts, in its own process.
 
 python bench/receiver.py PORT        (GET /count returns the number of POSTs)
+
+It also stands in for an OpenTelemetry collector (POST /v1/traces, not counted), for
+the runs with tracing on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ async def hook(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def traces(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(content_type="application/x-protobuf", body=b"")
+
+
 async def get_count(_request: web.Request) -> web.Response:
     return web.Response(text=str(count))
 
@@ -34,6 +42,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_post("/hook", hook)
     app.router.add_put("/hook", hook)
+    app.router.add_post("/v1/traces", traces)
     app.router.add_get("/count", get_count)
     app.router.add_post("/reset", reset)
     uvloop.install()

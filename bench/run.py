@@ -2,8 +2,9 @@
 
 In order, each in its own process so that one failure does not stop the rest:
 
-1. webhook_throughput.py: formcraftd vs the bare aio-pika consumer vs Celery,
-   10,000 jobs, concurrency 64, rounds rotated (A/B/C, B/C/A, C/A/B), medians;
+1. webhook_throughput.py: formcraftd (events off, on, on with tracing) vs the
+   bare aio-pika consumer vs Celery, 10,000 jobs, concurrency 64, rounds
+   rotated (A/B/C, B/C/A, C/A/B), medians;
 2. latency.py: publish-to-receipt percentiles at half of formcraftd's peak
    from step 1, formcraftd and the bare consumer alternated, medians;
 3. memory.py: formcraftd's peak RSS while draining 100,000 queued jobs;
@@ -122,7 +123,7 @@ def step(
 
 def throughput(run: Run, args: argparse.Namespace) -> None:
     argv = ["--jobs", str(args.jobs), "--rounds", str(args.rounds), "--concurrency", "64"]
-    argv += ["--only", "formcraftd-noevents,formcraftd,bare,celery"]
+    argv += ["--only", "formcraftd-noevents,formcraftd,formcraftd-traced,bare,celery"]
     found = step(run, "Webhook throughput", "webhook_throughput.py", argv, timeout=1200)
     if found is None:
         return
@@ -131,6 +132,7 @@ def throughput(run: Run, args: argparse.Namespace) -> None:
     medians, cpu, rates = data["medians"], data["cpu_medians"], data["rates"]
     fc, bare, celery = medians["formcraftd"], medians["bare aio-pika"], medians["celery"]
     shipped = medians["formcraftd, no events"]
+    traced = medians["formcraftd, traced 100 %"]
     jobs = f"{data['jobs']:,} queued jobs, concurrency 64, {_rounds(data['rounds'])}"
     run.rows += [
         Row(
@@ -150,6 +152,13 @@ def throughput(run: Run, args: argparse.Namespace) -> None:
             f"**{fc:,.0f} jobs/s = {fc / bare:.2f}x bare** ({cpu['formcraftd']:.0f} µs CPU/job)",
             ">= 0.9x bare",
             _met(fc / bare >= 0.9),
+        ),
+        Row(
+            "",
+            "formcraftd with delivery events and OpenTelemetry tracing on (every trace "
+            "sampled, OTLP/HTTP to a collector on loopback)",
+            f"{traced:,.0f} jobs/s = {traced / bare:.2f}x bare "
+            f"({cpu['formcraftd, traced 100 %']:.0f} µs CPU/job)",
         ),
         Row(
             "",

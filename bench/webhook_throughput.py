@@ -21,7 +21,9 @@ table shows medians.
 
 `--only` may also name formcraftd with a feature off, to price that feature in
 the same A/B run: formcraftd-noevents (no delivery events), formcraftd-quiet
-(logging.level = "warning": no per-job log line), formcraftd-lean (both).
+(logging.level = "warning": no per-job log line), formcraftd-lean (both); or
+with tracing on: formcraftd-traced (OpenTelemetry, every trace sampled, OTLP/HTTP
+to the receiver process standing in for a collector; needs the otel extra).
 `--baseline CHECKOUT` adds the formcraftd of another checkout (say a git
 worktree of the commit before an optimisation) to the same rotation, which
 is how a change is measured before/after on a noisy machine.
@@ -106,6 +108,7 @@ class Features:
     events: bool = True
     monitoring: bool = True
     log_level: str = "info"
+    tracing: bool = False  # OpenTelemetry at 100 % sampling, exported to the receiver (OTLP)
 
 
 def bench_config(prefix: str, port: int, concurrency: int, features: Features | None = None) -> str:
@@ -132,6 +135,8 @@ def bench_config(prefix: str, port: int, concurrency: int, features: Features | 
         f"concurrency = {concurrency}",
         'allowed_networks = ["127.0.0.1/32"]',
     ]
+    if features.tracing:  # only then: a --baseline checkout may predate the section
+        lines += ["[tracing]", "enabled = true"]
     for kind in ("email", "sheets"):
         lines += [
             f"[workers.{kind}]",
@@ -450,18 +455,31 @@ class Settings:
     source: Path | None = None  # another checkout of formcraftd to run instead of this one
 
 
-def start_formcraftd(stage: Stage, source: Path | None = None) -> subprocess.Popen[bytes]:
+def start_formcraftd(
+    stage: Stage, source: Path | None = None, **env: str
+) -> subprocess.Popen[bytes]:
     """`python -m formcraftd run` of this tree, or of the checkout at `source`."""
     if source is None:
-        return start_process(stage.command())
-    return start_process(stage.command(), cwd=source, PYTHONPATH=str(source))
+        return start_process(stage.command(), **env)
+    return start_process(stage.command(), cwd=source, PYTHONPATH=str(source), **env)
+
+
+def tracing_env(receiver: Receiver) -> dict[str, str]:
+    """With tracing on: every trace sampled, exported over OTLP/HTTP to the receiver
+    (which stands in for a collector on loopback)."""
+    return {
+        "OTEL_TRACES_SAMPLER": "always_on",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+        "OTEL_SERVICE_NAME": "formcraftd-bench",
+    }
 
 
 async def formcraftd_round(settings: Settings, receiver: Receiver) -> Drain:
     async with Stage(settings.concurrency, settings.features) as stage:
         await publish_jobs(stage.queue, settings.jobs, receiver.url)
         await receiver.reset()
-        process = start_formcraftd(stage, settings.source)
+        env = tracing_env(receiver) if settings.features.tracing else {}
+        process = start_formcraftd(stage, settings.source, **env)
         try:
             drain = await receiver.drain(settings.jobs, timeout=300, pid=process.pid)
             metrics = await scrape_metrics(stage.http_port)
@@ -571,6 +589,9 @@ CONTENDERS = {
     ),
     "formcraftd-lean": Contender(
         "formcraftd, neither", formcraftd_round, Features(events=False, log_level="warning")
+    ),
+    "formcraftd-traced": Contender(
+        "formcraftd, traced 100 %", formcraftd_round, Features(tracing=True)
     ),
 }
 

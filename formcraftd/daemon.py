@@ -19,6 +19,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import msgspec
@@ -38,6 +39,7 @@ from formcraftd.core.events import Emit
 from formcraftd.core.handler import Handler, HandlerFactory
 from formcraftd.core.stats import QueueStats
 from formcraftd.core.text import utc_timestamp
+from formcraftd.core.tracing import NO_TRACER, Tracer
 from formcraftd.ops import logs, systemd
 from formcraftd.ops.endpoints import EndpointHealth
 from formcraftd.ops.http import UnknownQueue, build_app, start_server
@@ -81,6 +83,24 @@ def check_config(config: Config) -> None:
         factory = handler_factory(kind)
         if factory is not None:
             _named(config, factory.check, worker)
+    if config.tracing.enabled:
+        tracing_module(config)
+
+
+def tracing_module(config: Config) -> ModuleType:
+    """formcraftd.ops.tracing, imported only with tracing on; ConfigError without the extra.
+
+    An error rather than Sentry's warning: `[tracing] enabled = true` is an
+    explicit choice in the config file, which check-config and the start refuse
+    instead of running without the traces asked for.
+    """
+    try:
+        return importlib.import_module("formcraftd.ops.tracing")
+    except ImportError as exc:
+        raise ConfigError(
+            f"{config.source or 'config'}: tracing.enabled is true but OpenTelemetry cannot be "
+            f"imported ({exc}); install the formcraftd[otel] extra"
+        ) from None
 
 
 def _named(config: Config, call: Callable[[Any], Any], section: AnyWorkerConfig) -> Any:
@@ -108,9 +128,14 @@ def _timestamp(instant: float | None) -> str | None:
 class Daemon:
     """One formcraftd process."""
 
-    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+    def __init__(
+        self, config: Config, *, config_path: str | None = None, tracer: Tracer | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        # None: OpenTelemetry when [tracing] enabled, started with the daemon.
+        self.tracer: Tracer = tracer or NO_TRACER
+        self._own_tracer = tracer is None
         self.metrics = Metrics(__version__)
         self.events = EventPublisher(config.events, config.broker, self.metrics.events_dropped)
         self.endpoints = EndpointHealth(self.events.emit if self.events.enabled else None)
@@ -213,6 +238,8 @@ class Daemon:
         logs.flush()
 
     async def _start(self) -> None:
+        if self._own_tracer and self.config.tracing.enabled:
+            self._start_tracing()
         await self.broker.connect()
         self._closers.append(("broker", self.broker.aclose))
         for kind, worker in self.config.enabled_workers():
@@ -221,6 +248,13 @@ class Daemon:
             build_app(self), self.config.http.host, self.config.http.port
         )
         self._closers.append(("http server", self.http_runner.cleanup))
+
+    def _start_tracing(self) -> None:
+        """OpenTelemetry, as the OTEL_* variables configure it; closed last."""
+        tracer = tracing_module(self.config).start()
+        self.tracer = tracer
+        self._closers.append(("tracer", lambda: asyncio.to_thread(tracer.shutdown)))
+        log.info("tracing on: OpenTelemetry spans exported as the OTEL_* variables say")
 
     async def _start_worker(self, kind: WorkerKind, worker: AnyWorkerConfig) -> None:
         emit = self.events.emit if self.events.enabled else None
@@ -254,6 +288,7 @@ class Daemon:
             stats=QueueStats(),
             reporter=AttemptLog(emit),
             prefetch=prefetch,
+            tracer=self.tracer,
         )
         self.metrics.watch_queue(
             worker.queue,

@@ -21,7 +21,18 @@ WORKERS_NO_AMQP = "Workers know no AMQP"
 CORE_NO_IO = "The core does no I/O of AMQP or HTTP"
 AMQP_NO_WORKER = "The AMQP layer knows no worker"
 NO_CYCLES = "No import cycles between the siblings of any package"
-CONTRACTS = (LAYERS, WORKERS_INDEPENDENT, WORKERS_NO_AMQP, CORE_NO_IO, AMQP_NO_WORKER, NO_CYCLES)
+OTEL_ONLY_IN_TRACING = "Only formcraftd.ops.tracing imports OpenTelemetry"
+TRACING_LOADED_BY_NAME = "Nothing imports formcraftd.ops.tracing statically"
+CONTRACTS = (
+    LAYERS,
+    WORKERS_INDEPENDENT,
+    WORKERS_NO_AMQP,
+    CORE_NO_IO,
+    AMQP_NO_WORKER,
+    NO_CYCLES,
+    OTEL_ONLY_IN_TRACING,
+    TRACING_LOADED_BY_NAME,
+)
 # Older import-linter releases colour their output whatever NO_COLOR says.
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -82,6 +93,8 @@ TYPE_ONLY = "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    import {
         ("workers/email/handler.py", "import formcraftd.workers.sheets.api", WORKERS_INDEPENDENT),
         ("amqp/consumer.py", "import formcraftd.workers.webhook.handler", AMQP_NO_WORKER),
         ("amqp/consumer.py", "import formcraftd.workers.webhook.handler", LAYERS),
+        ("amqp/pipeline.py", "import opentelemetry.trace", OTEL_ONLY_IN_TRACING),
+        ("daemon.py", "import formcraftd.ops.tracing", TRACING_LOADED_BY_NAME),
         # An import made only for the type checker counts like any other.
         ("core/limits.py", TYPE_ONLY.format(module="formcraftd.amqp.acks"), LAYERS),
     ],

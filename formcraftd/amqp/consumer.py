@@ -38,6 +38,7 @@ from formcraftd.core.handler import Handler
 from formcraftd.core.limits import ResizableLimiter
 from formcraftd.core.stats import QueueStats
 from formcraftd.core.text import one_line
+from formcraftd.core.tracing import NO_TRACER, Tracer
 
 log = logging.getLogger("formcraftd.consumer")
 
@@ -63,6 +64,7 @@ class Consumer:
         stats: QueueStats,
         reporter: AttemptReporter,
         prefetch: int,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.queue_name = worker.queue
         self.kind = kind
@@ -85,6 +87,7 @@ class Consumer:
             stats=stats,
             reporter=reporter,
             count_redeliveries=topology.main.arguments.get("x-queue-type") == "classic",
+            tracer=tracer,
         )
         self._channel: AbstractChannel | None = None
         self._underlay: AmqpChannel | None = None  # the AMQP channel we consume on

@@ -28,7 +28,10 @@ from formcraftd.amqp.republisher import encodable_headers
 from formcraftd.amqp.topology import dead_letter_queue_name, queue_depth
 from formcraftd.core.redaction import is_sensitive_key, mask_json, redact
 
-_DROPPED_ON_REPLAY = re.compile(r"^(x-formcraft-|x-death$|x-first-death-|x-last-death-)")
+# The trace header stays: the replayed attempt links to the one that was dead-lettered.
+_DROPPED_ON_REPLAY = re.compile(
+    r"^(x-formcraft-(?!trace-previous$)|x-death$|x-first-death-|x-last-death-)"
+)
 _MAX_BODY_CHARS = 65_536
 
 

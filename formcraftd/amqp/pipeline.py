@@ -46,6 +46,7 @@ from formcraftd.core.limits import ResizableLimiter
 from formcraftd.core.retry import RetrySchedule
 from formcraftd.core.stats import QueueStats
 from formcraftd.core.text import one_line
+from formcraftd.core.tracing import NO_TRACE, NO_TRACER, Tracer
 
 log = logging.getLogger("formcraftd.consumer")
 
@@ -74,6 +75,7 @@ class JobPipeline:
         stats: QueueStats,
         reporter: AttemptReporter,
         count_redeliveries: bool,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.kind = kind
         self.queue = worker.queue
@@ -89,6 +91,7 @@ class JobPipeline:
         self._breaker_config = breaker_config
         self._daemon_config = daemon_config
         self._reporter = reporter
+        self._tracer = tracer
         self._count_redeliveries = count_redeliveries
         self._settled = SettledDeliveries(
             window_s=daemon_config.settled_memory_s, size=daemon_config.settled_memory_size
@@ -145,6 +148,23 @@ class JobPipeline:
         if message.redelivered and await self._handle_redelivery(message, ctx):
             self.waiting.discard(task)
             return
+        with self._tracer.attempt(
+            kind=self.kind,
+            queue=self.queue,
+            job_id=job_id,
+            attempt=ctx.attempt,
+            message_id=message.message_id,
+            delivery_tag=message.tag,
+            body_size=len(message.body),
+            headers=message.headers,
+        ) as trace:
+            if trace is not NO_TRACE:
+                ctx = dataclasses.replace(ctx, trace=trace)
+            await self._run_attempt(message, ctx, task)
+
+    async def _run_attempt(
+        self, message: Delivery, ctx: JobContext, task: asyncio.Task[None]
+    ) -> None:
         job = self._decode(message)
         if isinstance(job, PermanentFailure):
             self.waiting.discard(task)
@@ -319,6 +339,7 @@ class JobPipeline:
                 )
                 await self._acks.nack(message)
                 return
+        ctx.trace.settled(outcome, final)
         if outcome != "delayed":
             self._settled.add(ctx.job_id, ctx.attempt - 1)
         self._acks.ack(message)
@@ -349,7 +370,9 @@ class JobPipeline:
                 snippet=failure.snippet,
             )
         assert isinstance(failure, PermanentFailure)
-        await self._republisher.dead_letter(message, ctx.job_id, failure, ctx.attempt)
+        await self._republisher.dead_letter(
+            message, ctx.job_id, failure, ctx.attempt, trace=ctx.trace
+        )
         self.stats.dead_letter += 1
         self._reporter.dead_lettered(
             Attempt(self.kind, self.queue, ctx, job, "dead_letter"), failure, ctx.attempt
@@ -374,7 +397,7 @@ class JobPipeline:
         body = message.body if retried is job or retried is None else jobs.encode(retried)
         headers = carried_headers(message.headers)
         headers[ATTEMPT_HEADER] = ctx.attempt
-        await self._republisher.to_tier(message, ctx.job_id, body, headers, tier)
+        await self._republisher.to_tier(message, ctx.job_id, body, headers, tier, trace=ctx.trace)
 
     async def _delay(
         self, message: Delivery, ctx: JobContext, failure: Delayed
@@ -389,7 +412,9 @@ class JobPipeline:
                 f"{failure} for longer than the job may wait",
                 reached_service=False,
             )
-            await self._republisher.dead_letter(message, ctx.job_id, expired, ctx.attempt - 1)
+            await self._republisher.dead_letter(
+                message, ctx.job_id, expired, ctx.attempt - 1, trace=ctx.trace
+            )
             self.stats.dead_letter += 1
             self._reporter.dead_lettered(
                 Attempt(self.kind, self.queue, ctx, None, "dead_letter"),
@@ -401,7 +426,9 @@ class JobPipeline:
         headers[ATTEMPT_HEADER] = ctx.attempt - 1
         headers[FIRST_SEEN_HEADER] = int(first_seen)
         tier = self._schedule.nearest_tier(failure.remaining * 1000)
-        await self._republisher.to_tier(message, ctx.job_id, message.body, headers, tier)
+        await self._republisher.to_tier(
+            message, ctx.job_id, message.body, headers, tier, trace=ctx.trace
+        )
         self.stats.delayed += 1
         return "delayed", failure
 

@@ -23,6 +23,7 @@ from formcraftd.core.errors import PermanentFailure
 from formcraftd.core.jobs import job_id_for
 from formcraftd.core.redaction import redact
 from formcraftd.core.text import one_line
+from formcraftd.core.tracing import NO_TRACE, AttemptTrace
 
 log = logging.getLogger("formcraftd.consumer")
 
@@ -142,8 +143,14 @@ class Republisher:
         body: bytes,
         headers: dict[str, Any],
         tier: int,
+        *,
+        trace: AttemptTrace = NO_TRACE,
     ) -> None:
-        """Park the job in the wait queue of `tier` ms; it comes back to the queue after."""
+        """Park the job in the wait queue of `tier` ms; it comes back to the queue after.
+
+        `trace` (the attempt that failed) writes the trace context the job keeps.
+        """
+        trace.carry(headers)
         await _publish(
             self._channel.default_exchange,
             retry_queue_name(self._queue, tier),
@@ -174,6 +181,8 @@ class Republisher:
         job_id: str,
         failure: PermanentFailure,
         attempts: int,
+        *,
+        trace: AttemptTrace = NO_TRACE,
     ) -> None:
         """The original body to the dead-letter exchange, with the `x-formcraft-*` headers.
 
@@ -194,6 +203,7 @@ class Republisher:
         )
         if failure.status is not None:
             headers["x-formcraft-last-status"] = failure.status
+        trace.carry(headers)  # a replay continues the job's trace
         await _publish(
             self._dead_letter_exchange,
             self._queue,

@@ -73,6 +73,11 @@ class EventsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     exchange: QueueName = "formcraftd.events"
 
 
+class TracingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # OpenTelemetry (the extra formcraftd[otel]); the rest comes from the OTEL_* variables.
+    enabled: bool = False
+
+
 class MonitoringConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     enabled: bool = True
     interval_ms: PositiveInt = 60_000
@@ -228,6 +233,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     logging: LoggingConfig = LoggingConfig()
     daemon: DaemonConfig = DaemonConfig()
     events: EventsConfig = EventsConfig()
+    tracing: TracingConfig = TracingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()

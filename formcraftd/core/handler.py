@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 from formcraftd.core.events import Emit
 from formcraftd.core.jobs import EmailJob, SheetsJob, WebhookJob
 from formcraftd.core.ratelimits import DestinationLimits
+from formcraftd.core.tracing import NO_TRACE, AttemptTrace
 
 J = TypeVar("J", WebhookJob, EmailJob, SheetsJob)
 
@@ -36,13 +37,15 @@ class JobContext:
 
     `slot` is the queue's concurrency limit for handlers that batch
     (`Handler.batching`): they hold it around each remote call only, so jobs
-    waiting to join a batch do not occupy the queue's slots.
+    waiting to join a batch do not occupy the queue's slots. `trace` is the
+    attempt's tracing: remote calls go in its client spans (no-ops with tracing off).
     """
 
     job_id: str
     attempt: int  # 1 for the first try
     queue: str
     slot: contextlib.AbstractAsyncContextManager[None] = _NO_SLOT
+    trace: AttemptTrace = NO_TRACE
 
 
 class Delivered:

@@ -33,6 +33,7 @@ RESTART_ONLY = (
     "http.host",
     "http.port",
     "events.",
+    "tracing.",
     "logging.sentry_dsn",
     "logging.config_file",
     "workers.*.enabled",

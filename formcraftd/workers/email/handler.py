@@ -212,12 +212,19 @@ class EmailHandler:
         recipients = self._unsuppressed(_recipients(job), ctx)
         copies = await self._messages(job, ctx, recipients, settings, renderer)
         started = time.monotonic()
-        sent = await send_copies(
-            self.pool,
-            settings.envelope_sender(ctx.job_id),
-            copies,
-            functools.partial(_failure, settings=settings),
-        )
+        with ctx.trace.client(
+            "smtp send",
+            lambda: _span_attributes(
+                settings, len(recipients), sum(len(copy.message) for copy in copies)
+            ),
+        ) as span:
+            sent = await send_copies(
+                self.pool,
+                settings.envelope_sender(ctx.job_id),
+                copies,
+                functools.partial(_failure, settings=settings),
+            )
+            span.set_attribute("formcraftd.smtp.refused", len(sent.refused) + len(sent.undelivered))
         log.debug(
             "job %s: %d accepted, %d refused by %s in %.0f ms (attempt %d)",
             ctx.job_id,
@@ -434,6 +441,16 @@ def _recipients(job: EmailJob) -> list[_Recipient]:
         key = mime.address_key(address)
         unique.setdefault(key, _Recipient(raw, address, key))
     return list(unique.values())
+
+
+def _span_attributes(settings: _Settings, recipients: int, size: int) -> dict[str, str | int]:
+    """The SMTP client span's attributes: the relay and counts, never an address."""
+    return {
+        "server.address": settings.smtp.host,
+        "server.port": settings.smtp.port,
+        "formcraftd.smtp.recipients": recipients,
+        "formcraftd.smtp.message.size": size,
+    }
 
 
 def _failure(exc: SmtpError, *, settings: _Settings) -> PermanentFailure | RetryLater:

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -292,11 +293,30 @@ class SheetsHandler:
         return None
 
     async def _call(self, key: BatchKey, entries: list[_Entry]) -> None:
-        """One API call for `entries` (one refresh-and-retry on 401); raises their fate."""
+        """One API call for `entries` (one refresh-and-retry on 401); raises their fate.
+
+        Traced as a client span under the first job's attempt, linked to the others'.
+        """
         session = self._session
         if session is None:
             raise RuntimeError("SheetsHandler is closed")
         request = self._build(key, entries)
+        with entries[0].ctx.trace.client(
+            f"sheets {request.what.partition(' ')[0]}",
+            lambda: _span_attributes(request, entries, self._api.api_root_url),
+            links=[entry.ctx.trace for entry in entries[1:]],
+        ) as span:
+            response = await self._call_with_token(key, entries, request, session)
+            span.set_attribute("http.response.status_code", response.status)
+            judge(response, request)
+
+    async def _call_with_token(
+        self,
+        key: BatchKey,
+        entries: list[_Entry],
+        request: ApiRequest,
+        session: aiohttp.ClientSession,
+    ) -> ApiResponse:
         auth = max((entry.job.payload.auth for entry in entries), key=lambda a: a.expiry_date)
         owner = entries[0].job.metadata.form_id
         slot = entries[0].ctx.slot  # every entry's slot is the same queue limiter
@@ -321,7 +341,7 @@ class SheetsHandler:
             (time.monotonic() - started) * 1000,
         )
         self._pause_if_asked(key, response)
-        judge(response, request)
+        return response
 
     def _build(self, key: BatchKey, entries: list[_Entry]) -> ApiRequest:
         option = self._settings.value_input_option
@@ -375,6 +395,18 @@ class SheetsHandler:
             "this user's" if response.status < 500 and per_user_limit(response) else "all",
             pause,
         )
+
+
+def _span_attributes(
+    request: ApiRequest, entries: list[_Entry], api_root_url: str
+) -> dict[str, str | int]:
+    """The API call's span attributes: what it does and for how many jobs (no token)."""
+    return {
+        "http.request.method": request.method,
+        "server.address": urlsplit(api_root_url).hostname or "",
+        "formcraftd.sheets.call": request.what,
+        "formcraftd.sheets.jobs": len(entries),
+    }
 
 
 if TYPE_CHECKING:

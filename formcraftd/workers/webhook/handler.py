@@ -184,8 +184,16 @@ class WebhookHandler:
         pool = self._pool_for(settings)
         pool.inflight += 1
         started = time.monotonic()
+        # The span's traceparent goes to the receiver: the signature covers only
+        # the id, the timestamp and the body, so a header added here is safe.
         try:
-            response = await _send(pool.session, request, settings)
+            with ctx.trace.client(
+                request.method, lambda: _span_attributes(request), carrier=request.headers
+            ) as span:
+                response = await _send(pool.session, request, settings)
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 400:
+                    span.failed(str(response.status))
         finally:
             pool.inflight -= 1
             if self._retired:
@@ -357,6 +365,17 @@ def _describe(exc: BaseException) -> str:
     os_error = getattr(exc, "os_error", exc)
     strerror = getattr(os_error, "strerror", None)
     return f"{type(exc).__name__} ({strerror})" if strerror else type(exc).__name__
+
+
+def _span_attributes(request: WebhookRequest) -> dict[str, str | int]:
+    """The HTTP client span's attributes; the URL's path and query may hold tokens."""
+    url = request.url
+    return {
+        "http.request.method": request.method,
+        "server.address": url.host or "",
+        "server.port": url.port or 0,
+        "url.full": mask_url(str(url), hide_path=True),
+    }
 
 
 def _gone(job: WebhookJob, ctx: JobContext) -> EndpointGoneEvent:
