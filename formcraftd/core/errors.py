@@ -66,7 +66,8 @@ ERROR_CODES: dict[str, str] = {
     "SHEETS_REQUEST_REJECTED": "Google Sheets refused the request (400, 403, 404, ...)",
     "BREAKER_OPEN": "the destination's circuit breaker is open (delayed without a try; "
     "dead-lettered after breaker.max_job_age_ms)",
-    "JOB_EXPIRED": "the job waited longer than it may",
+    "JOB_EXPIRED": "the job waited longer than it may (held back by its destination's "
+    "rate limit past breaker.max_job_age_ms)",
     # retried
     "TIMEOUT": "no answer within the webhook timeout",
     "CONNECTION_ERROR": "the connection was refused, reset or lost",
