@@ -10,6 +10,10 @@ drops refused addresses before the connector sees them; IP literals (which
 aiohttp never resolves) are checked by :mod:`~formcraftd.workers.webhook.targets`
 before the request. Reasons name only the URL's origin, never its path or query
 (webhook URLs often carry tokens there), and never a secret or signature.
+
+With `proxy_url`, requests not in `no_proxy` go through the egress proxy
+(:mod:`~formcraftd.workers.webhook.egress`); `[[workers.webhook.tls]]` entries
+give a host its own SSL context (:mod:`~formcraftd.workers.webhook.tls`).
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from formcraftd.core.jobs import WebhookJob
 from formcraftd.core.redaction import redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
+from formcraftd.workers.webhook.egress import EgressProxy, is_proxy_answer
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
 from formcraftd.workers.webhook.request import WebhookRequest, encode_body, payload_headers
 from formcraftd.workers.webhook.signing import signer_for, webhook_id
 from formcraftd.workers.webhook.targets import check_literal_host, target_of
+from formcraftd.workers.webhook.tls import TlsContexts
 
 if TYPE_CHECKING:
     from formcraftd.core.handler import Handler
@@ -52,12 +58,16 @@ _RETRYABLE = frozenset({408, 425, 429})
 
 
 class _Pool:
-    """One keep-alive ClientSession whose connector is bound to one policy."""
+    """One keep-alive ClientSession whose connector is bound to one policy and proxy."""
 
-    def __init__(self, policy: NetworkPolicy, concurrency: int) -> None:
+    def __init__(
+        self, policy: NetworkPolicy, concurrency: int, proxy: tuple[str, int] | None
+    ) -> None:
         self.policy = policy
+        self.proxy = proxy
         self.inflight = 0
-        self.resolver = GuardedResolver(policy)
+        # The proxy's own address is the operator's choice: the guard lets it through.
+        self.resolver = GuardedResolver(policy, exempt=proxy)
         # No per-host limit: the consumer's limiter already bounds concurrency. The
         # DNS cache only ever holds answers the resolver has checked.
         connector = aiohttp.TCPConnector(
@@ -66,6 +76,7 @@ class _Pool:
             ttl_dns_cache=10,
             resolver=self.resolver,
         )
+        # trust_env=False: HTTP(S)_PROXY and NO_PROXY are never read; only proxy_url.
         self.session = aiohttp.ClientSession(
             connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
         )
@@ -87,6 +98,8 @@ class _Settings:
     max_response_bytes: int
     policy: NetworkPolicy
     concurrency: int
+    proxy: EgressProxy | None
+    tls: TlsContexts
     # total bounds the whole exchange: waiting for a pooled connection,
     # resolving, connecting, sending and reading the response, body included
     # (every body read checks it), so a receiver dribbling bytes cannot stretch
@@ -105,8 +118,15 @@ class _Settings:
             config.max_response_bytes,
             NetworkPolicy.from_config(config),
             config.concurrency,
+            EgressProxy.from_config(config),
+            TlsContexts.from_config(config),
             aiohttp.ClientTimeout(total=t, sock_connect=t, sock_read=t, ceil_threshold=math.inf),
         )
+
+    @property
+    def proxy_endpoint(self) -> tuple[str, int] | None:
+        """The proxy's (host, port), which the SSRF guard lets through."""
+        return None if self.proxy is None else (self.proxy.host, self.proxy.port)
 
 
 @dataclass(slots=True)
@@ -114,6 +134,7 @@ class _Response:
     status: int
     retry_after: str | None
     head: bytes
+    from_proxy: bool = False  # an error the proxy wrote itself (plain http through it)
 
 
 class WebhookHandler:
@@ -134,7 +155,8 @@ class WebhookHandler:
     async def start(self) -> None:
         """Open the shared session."""
         if self._pool is None:
-            self._pool = _Pool(self._settings.policy, self._settings.concurrency)
+            settings = self._settings
+            self._pool = _Pool(settings.policy, settings.concurrency, settings.proxy_endpoint)
 
     async def aclose(self) -> None:
         """Close every session, newest first, logging and continuing on errors."""
@@ -180,7 +202,7 @@ class WebhookHandler:
         pool.inflight += 1
         started = time.monotonic()
         try:
-            response = await _send(pool.session, request, settings)
+            response = await _send(pool, request, settings)
         finally:
             pool.inflight -= 1
             if self._retired:
@@ -200,15 +222,18 @@ class WebhookHandler:
         """The session for the current policy; a changed policy gets a fresh one.
 
         Pooled keep-alive connections and cached DNS answers were checked under
-        the old policy, so they retire with their session.
+        the old policy (and its proxy exemption), so they retire with their session.
         """
         pool = self._pool
         if pool is None:
             raise RuntimeError("WebhookHandler.start() was not called")
         # The identity test settles the usual case without comparing networks.
-        if pool.policy is not settings.policy and pool.policy != settings.policy:
+        proxy = settings.proxy_endpoint
+        if (pool.policy is not settings.policy and pool.policy != settings.policy) or (
+            pool.proxy != proxy
+        ):
             self._retired.append(pool)
-            pool = self._pool = _Pool(settings.policy, settings.concurrency)
+            pool = self._pool = _Pool(settings.policy, settings.concurrency, proxy)
         return pool
 
     async def _close_idle_retired(self) -> None:
@@ -252,9 +277,7 @@ class WebhookHandler:
         )
 
 
-async def _send(
-    session: aiohttp.ClientSession, request: WebhookRequest, settings: _Settings
-) -> _Response:
+async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _Response:
     """Send the request and read the head of the response; translate transport errors.
 
     aiohttp's total timeout (see `_Settings.client_timeout`) is the only
@@ -262,17 +285,32 @@ async def _send(
     last body read, and leaving the block cancels any unfinished upload
     before the connection is closed, so no outer timeout is needed.
     """
+    url = request.url
+    host = url.raw_host or ""
+    proxy = settings.proxy
+    if proxy is not None and not proxy.used_for(host, url.port or 0):
+        proxy = None
     try:
-        async with session.request(
+        if proxy is not None:
+            await pool.resolver.check_host(host)
+        async with pool.session.request(
             request.method,
-            request.url,
+            url,
             data=request.body,
             headers=request.headers,
             allow_redirects=False,
             timeout=settings.client_timeout,
+            proxy=None if proxy is None else proxy.url,
+            proxy_auth=None if proxy is None else proxy.auth,
+            ssl=settings.tls.for_host(host) or True,
         ) as resp:
             head = await _read_head(resp, settings.max_response_bytes)
-            return _Response(resp.status, resp.headers.get("Retry-After"), head)
+            from_proxy = (
+                proxy is not None
+                and url.scheme == "http"
+                and is_proxy_answer(resp.status, resp.headers)
+            )
+            return _Response(resp.status, resp.headers.get("Retry-After"), head, from_proxy)
     except AddressRefused as exc:
         raise PermanentFailure(
             "SSRF_BLOCKED", f"{request.origin}: {exc}", reached_service=False
@@ -291,8 +329,17 @@ async def _send(
             f"{request.origin}: the request cannot be sent: {one_line(exc)}",
             reached_service=False,
         ) from None
+    except aiohttp.ClientHttpProxyError as exc:  # the proxy refused CONNECT (https)
+        raise RetryLater(
+            "PROXY_ERROR", f"{request.origin}: the egress proxy answered {exc.status} to CONNECT"
+        ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise RetryLater(_transport_code(exc), f"{request.origin}: {_describe(exc)}") from None
+        code = _transport_code(exc)
+        if proxy is not None and isinstance(exc, aiohttp.ClientConnectorError):
+            # e.g. the proxy's host name does not resolve: still the proxy's failure
+            code = "PROXY_ERROR" if exc.host.lower() == proxy.host else code
+        where = "the egress proxy: " if code == "PROXY_ERROR" else ""
+        raise RetryLater(code, f"{request.origin}: {where}{_describe(exc)}") from None
 
 
 async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -350,6 +397,13 @@ def _judge(response: _Response, request: WebhookRequest) -> Delivered:
     """What was delivered on 2xx; raise the job's fate otherwise."""
     status = response.status
     head = response.head
+    if response.from_proxy:
+        # Retried like a proxy that cannot be reached, whatever the status.
+        raise RetryLater(
+            "PROXY_ERROR",
+            f"the egress proxy answered HTTP {status} for {request.origin}",
+            status=status,
+        )
     if 200 <= status < 300:
         # Described only if a delivery event asks: most successes never are.
         return Delivered(
