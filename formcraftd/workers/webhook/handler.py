@@ -323,6 +323,8 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
         raise PermanentFailure(
             "VALIDATION_ERROR", f"{request.origin}: invalid URL", reached_service=False
         ) from None
+    except aiohttp.ClientSSLError as exc:  # a certificate error is a ValueError too
+        raise RetryLater("TLS_ERROR", f"{request.origin}: {_describe(exc)}") from None
     except ValueError as exc:  # what the client refuses to send, e.g. a header it cannot frame
         raise PermanentFailure(
             "VALIDATION_ERROR",
@@ -377,7 +379,10 @@ def _transport_code(exc: BaseException) -> RetryCode:
     """The error code of a request that got no HTTP answer (aiohttp's public exceptions)."""
     if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
         return "PROXY_ERROR"
-    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch | ssl.SSLError):
+    # Under TLS 1.3 a receiver refuses a (missing) client certificate after the
+    # handshake: its alert ends the first read, as a ClientOSError from an SSLError.
+    tls = (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch, ssl.SSLError)
+    if isinstance(exc, tls) or isinstance(exc.__cause__, ssl.SSLError):
         return "TLS_ERROR"
     if isinstance(exc, _DNS_ERRORS) or (
         isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, socket.gaierror)
