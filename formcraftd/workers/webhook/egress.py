@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import aiohttp
 from yarl import URL
 
 from formcraftd.core.config import WebhookWorkerConfig
@@ -78,17 +77,25 @@ class NoProxyRule:
 def _is_host_name(name: str) -> bool:
     labels = name.split(".")
     return 0 < len(name) <= 253 and all(
-        0 < len(label) <= 63 and label.replace("-", "").replace("_", "").isalnum()
+        0 < len(label) <= 63
+        and label.replace("-", "").replace("_", "").isalnum()
+        and not label.startswith("-")
+        and not label.endswith("-")
         for label in labels
     )
 
 
 @dataclass(frozen=True, slots=True)
 class EgressProxy:
-    """The configured proxy: its URL without credentials, the credentials, the bypass list."""
+    """The configured proxy and its bypass list.
 
-    url: URL
-    auth: aiohttp.BasicAuth | None
+    The URL keeps its credentials: aiohttp sends them to the proxy only, as
+    Proxy-Authorization on CONNECT or on a plain-http request (its documented
+    form; aiohttp 3.14 deprecates BasicAuth objects). They stay out of reprs,
+    and reasons never quote the URL.
+    """
+
+    url: URL = field(repr=False)
     bypass_all: bool
     rules: tuple[NoProxyRule, ...]
 
@@ -110,12 +117,7 @@ class EgressProxy:
                 ) from None
         if not config.proxy_url:
             return None
-        # The credentials go in proxy_auth, so the URL that aiohttp keeps holds none.
-        url = URL(config.proxy_url)
-        auth = None
-        if url.raw_user is not None:
-            auth = aiohttp.BasicAuth(url.user or "", url.password or "")
-        return cls(url.with_user(None), auth, bypass_all, tuple(rules))
+        return cls(URL(config.proxy_url), bypass_all, tuple(rules))
 
     @property
     def host(self) -> str:

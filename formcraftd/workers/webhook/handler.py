@@ -301,7 +301,6 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
             allow_redirects=False,
             timeout=settings.client_timeout,
             proxy=None if proxy is None else proxy.url,
-            proxy_auth=None if proxy is None else proxy.auth,
             ssl=settings.tls.for_host(host) or True,
         ) as resp:
             head = await _read_head(resp, settings.max_response_bytes)
