@@ -290,6 +290,12 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
     proxy = settings.proxy
     if proxy is not None and not proxy.used_for(host, url.port or 0):
         proxy = None
+    headers = request.headers
+    if proxy is not None and url.scheme == "http":
+        # A fresh proxy connection per plain-http request: some proxies check,
+        # and strip Proxy-Authorization from, only the first request of a
+        # connection (proxy.py 2.4 relays later ones as they are).
+        headers = {**headers, "Connection": "close"}
     try:
         if proxy is not None:
             await pool.resolver.check_host(host)
@@ -297,7 +303,7 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
             request.method,
             url,
             data=request.body,
-            headers=request.headers,
+            headers=headers,
             allow_redirects=False,
             timeout=settings.client_timeout,
             proxy=None if proxy is None else proxy.url,

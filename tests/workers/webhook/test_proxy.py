@@ -193,6 +193,51 @@ async def test_https_is_tunnelled_with_connect_and_keeps_its_tls_settings(
     await proxy_server.wait_for_access(f"CONNECT 127.0.0.1:{tls_receiver.port}")
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_the_proxy_credentials_never_reach_the_destination(
+    proxy_server: ProxyServer, receiver: Receiver, tls_receiver: Receiver, pki: Pki, scheme: str
+) -> None:
+    """Several jobs through one handler pass the proxy's authentication, which stays there.
+
+    proxy.py strips Proxy-Authorization only from the first request of a
+    connection, so plain http gets a fresh proxy connection per request.
+    """
+    entry = WebhookTlsConfig(
+        host="127.0.0.1",
+        client_cert=str(pki.client_cert),
+        client_key=str(pki.client_key),
+        ca_file=str(pki.ca_cert),
+    )
+    target = receiver if scheme == "http" else tls_receiver
+    handler = await started_handler(config(proxy_server.url(), tls=(entry,)))
+    try:
+        for n in range(3):
+            await handler.handle(job(f"{scheme}://127.0.0.1:{target.port}/n{n}"), ctx())
+    finally:
+        await handler.aclose()
+    assert [seen.path for seen in target.seen] == ["/n0", "/n1", "/n2"]
+    assert all("Proxy-Authorization" not in seen.headers for seen in target.seen)
+
+
+async def test_a_reload_turns_the_proxy_on_and_off(
+    proxy_server: ProxyServer, receiver: Receiver
+) -> None:
+    """reconfigure() with a proxy_url routes the next job through it; without, direct again."""
+    direct = WebhookWorkerConfig(allowed_networks=LOOPBACK_ONLY, timeout_ms=5000)
+    handler = await started_handler(direct)
+    try:
+        await handler.handle(job(receiver.url("/direct-1")), ctx())
+        handler.reconfigure(config(proxy_server.url()))
+        await handler.handle(job(receiver.url("/proxied")), ctx())
+        handler.reconfigure(direct)
+        await handler.handle(job(receiver.url("/direct-2")), ctx())
+    finally:
+        await handler.aclose()
+    assert [seen.path for seen in receiver.seen] == ["/direct-1", "/proxied", "/direct-2"]
+    await proxy_server.wait_for_access(f"127.0.0.1:{receiver.port}/proxied")
+    assert not any("/direct-" in line for line in proxy_server.access_lines())
+
+
 @pytest.mark.parametrize(("status", "fate"), [(404, PermanentFailure), (503, RetryLater)])
 async def test_the_destinations_answer_keeps_its_code(
     proxy_server: ProxyServer, receiver: Receiver, status: int, fate: type[Exception]
