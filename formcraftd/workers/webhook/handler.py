@@ -287,15 +287,7 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
     """
     url = request.url
     host = url.raw_host or ""
-    proxy = settings.proxy
-    if proxy is not None and not proxy.used_for(host, url.port or 0):
-        proxy = None
-    headers = request.headers
-    if proxy is not None and url.scheme == "http":
-        # A fresh proxy connection per plain-http request: some proxies check,
-        # and strip Proxy-Authorization from, only the first request of a
-        # connection (proxy.py 2.4 relays later ones as they are).
-        headers = {**headers, "Connection": "close"}
+    proxy, headers = _route(request, settings.proxy)
     try:
         if proxy is not None:
             await pool.resolver.check_host(host)
@@ -336,17 +328,40 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
             f"{request.origin}: the request cannot be sent: {one_line(exc)}",
             reached_service=False,
         ) from None
-    except aiohttp.ClientHttpProxyError as exc:  # the proxy refused CONNECT (https)
-        raise RetryLater(
-            "PROXY_ERROR", f"{request.origin}: the egress proxy answered {exc.status} to CONNECT"
-        ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        code = _transport_code(exc)
-        if proxy is not None and isinstance(exc, aiohttp.ClientConnectorError):
-            # e.g. the proxy's host name does not resolve: still the proxy's failure
-            code = "PROXY_ERROR" if exc.host.lower() == proxy.host else code
-        where = "the egress proxy: " if code == "PROXY_ERROR" else ""
-        raise RetryLater(code, f"{request.origin}: {where}{_describe(exc)}") from None
+        raise _transport_failure(exc, request.origin, proxy) from None
+
+
+def _route(
+    request: WebhookRequest, proxy: EgressProxy | None
+) -> tuple[EgressProxy | None, dict[str, str]]:
+    """The proxy this request goes through (None: direct) and the headers to send."""
+    url = request.url
+    if proxy is None or not proxy.used_for(url.raw_host or "", url.port or 0):
+        return None, request.headers
+    if url.scheme == "http":
+        # A fresh proxy connection per plain-http request: some proxies check,
+        # and strip Proxy-Authorization from, only the first request of a
+        # connection (proxy.py 2.4 relays later ones as they are).
+        return proxy, {**request.headers, "Connection": "close"}
+    return proxy, request.headers
+
+
+def _transport_failure(exc: BaseException, origin: str, proxy: EgressProxy | None) -> RetryLater:
+    """The retry of a request that got no HTTP answer from the destination."""
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused CONNECT (https)
+        return RetryLater(
+            "PROXY_ERROR", f"{origin}: the egress proxy answered {exc.status} to CONNECT"
+        )
+    code = _transport_code(exc)
+    if (
+        proxy is not None
+        and isinstance(exc, aiohttp.ClientConnectorError)
+        and exc.host.lower() == proxy.host
+    ):
+        code = "PROXY_ERROR"  # e.g. the proxy's host name does not resolve
+    where = "the egress proxy: " if code == "PROXY_ERROR" else ""
+    return RetryLater(code, f"{origin}: {where}{_describe(exc)}")
 
 
 async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
