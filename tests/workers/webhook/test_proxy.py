@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -72,13 +73,18 @@ def proxy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServ
         sys.executable, "-m", "proxy",
         "--hostname", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
         "--num-workers", "1", "--num-acceptors", "1",
-        "--data-dir", str(folder / "data"), "--log-file", str(log), "--log-level", "INFO",
+        "--log-file", str(log), "--log-level", "INFO",
         "--basic-auth", f"{PROXY_USER}:{PROXY_PASSWORD}",
         "--plugins", "proxy.plugin.FilterByUpstreamHostPlugin",
         "--filtered-upstream-hosts", FILTERED_HOST,
     ]  # fmt: skip
+    # proxy.py keeps its data in ~/.proxy: a HOME of its own keeps the real one clean.
     process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HOME": str(folder)},
     )
     try:
         yield ProxyServer(_wait_until_listening(process, port_file), log)
