@@ -350,9 +350,7 @@ def _route(
 def _transport_failure(exc: BaseException, origin: str, proxy: EgressProxy | None) -> RetryLater:
     """The retry of a request that got no HTTP answer from the destination."""
     if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused CONNECT (https)
-        return RetryLater(
-            "PROXY_ERROR", f"{origin}: the egress proxy answered {exc.status} to CONNECT"
-        )
+        return _proxy_failure(f"{origin}: the egress proxy answered {exc.status} to CONNECT")
     code = _transport_code(exc)
     if (
         proxy is not None
@@ -360,8 +358,18 @@ def _transport_failure(exc: BaseException, origin: str, proxy: EgressProxy | Non
         and exc.host.lower() == proxy.host
     ):
         code = "PROXY_ERROR"  # e.g. the proxy's host name does not resolve
-    where = "the egress proxy: " if code == "PROXY_ERROR" else ""
-    return RetryLater(code, f"{origin}: {where}{_describe(exc)}")
+    if code == "PROXY_ERROR":
+        return _proxy_failure(f"{origin}: the egress proxy: {_describe(exc)}")
+    return RetryLater(code, f"{origin}: {_describe(exc)}")
+
+
+def _proxy_failure(reason: str, status: int | None = None) -> RetryLater:
+    """PROXY_ERROR, retried, and not held against the destination's breaker.
+
+    A proxy outage would otherwise open every destination's breaker and
+    report each endpoint as failing.
+    """
+    return RetryLater("PROXY_ERROR", reason, status=status, counts_for_breaker=False)
 
 
 async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -424,10 +432,8 @@ def _judge(response: _Response, request: WebhookRequest) -> Delivered:
     head = response.head
     if response.from_proxy:
         # Retried like a proxy that cannot be reached, whatever the status.
-        raise RetryLater(
-            "PROXY_ERROR",
-            f"the egress proxy answered HTTP {status} for {request.origin}",
-            status=status,
+        raise _proxy_failure(
+            f"the egress proxy answered HTTP {status} for {request.origin}", status
         )
     if 200 <= status < 300:
         # Described only if a delivery event asks: most successes never are.

@@ -271,6 +271,7 @@ async def test_a_proxy_that_is_down_is_a_proxy_error(receiver: Receiver) -> None
     assert isinstance(error, RetryLater)
     assert error.code == "PROXY_ERROR"
     assert "egress proxy" in str(error)
+    assert not error.counts_for_breaker  # the destination is not to blame
     assert receiver.seen == []
 
 
@@ -288,6 +289,7 @@ async def test_a_refused_connect_is_a_proxy_error(proxy_server: ProxyServer) -> 
     assert isinstance(error, RetryLater)
     assert error.code == "PROXY_ERROR"
     assert "answered 418 to CONNECT" in str(error)
+    assert not error.counts_for_breaker
 
 
 async def test_a_connect_to_a_dead_destination_is_a_proxy_error(
@@ -307,6 +309,7 @@ async def test_a_proxy_written_error_for_plain_http_is_a_proxy_error(
     assert isinstance(error, RetryLater)
     assert error.code == "PROXY_ERROR"
     assert error.status == 502
+    assert not error.counts_for_breaker
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
