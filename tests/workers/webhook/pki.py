@@ -1,13 +1,19 @@
-"""A throwaway PKI for the TLS tests: a private CA, a server certificate, a client one."""
+"""The TLS tests' throwaway PKI (a private CA, server and client certificates) and servers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -147,3 +153,45 @@ def make_pki(folder: Path) -> Pki:
     _write_cert(other_cert, pki.other_ca_cert)
     _write_key(client_key, pki.encrypted_client_key, password=b"correct horse")
     return pki
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    dispatch: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    host: str = "127.0.0.1",
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[int]:
+    """An aiohttp server answering every path with `dispatch`; yields its port.
+
+    On the way out, connections still open are aborted and waited for: after
+    cleanup an SSL connection waits for its peer's close_notify (relayed by a
+    proxy, it may come late), and a test's event loop may be gone by then.
+    """
+    transports: dict[asyncio.BaseTransport, Any] = {}  # each with its socket
+
+    async def tracked(request: web.Request) -> web.StreamResponse:
+        if request.transport is not None:
+            transports[request.transport] = request.transport.get_extra_info("socket")
+        return await dispatch(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", tracked)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, 0, ssl_context=ssl_context).start()
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+        for transport in transports:
+            transport.abort()
+        await _closed([sock for sock in transports.values() if sock is not None])
+
+
+async def _closed(sockets: list[Any], timeout_s: float = 5.0) -> None:
+    """Wait until every socket is closed (aborted transports close theirs on the next turn)."""
+    deadline = time.monotonic() + timeout_s
+    while any(sock.fileno() != -1 for sock in sockets):
+        if time.monotonic() > deadline:
+            raise AssertionError("a receiver connection did not close")
+        await asyncio.sleep(0.01)

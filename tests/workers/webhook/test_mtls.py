@@ -17,7 +17,7 @@ from formcraftd.core.config import WebhookTlsConfig, WebhookWorkerConfig, parse
 from formcraftd.core.errors import ConfigError, RetryLater
 from formcraftd.workers.webhook import WebhookHandler
 from formcraftd.workers.webhook.tls import TlsContexts
-from tests.workers.webhook.pki import CLIENT_NAME, Pki, make_pki
+from tests.workers.webhook.pki import CLIENT_NAME, Pki, make_pki, serving
 from tests.workers.webhook.support import LOOPBACK_ONLY, ctx, job, started_handler
 
 pytestmark = [pytest.mark.webhook, pytest.mark.timeout(20)]
@@ -50,19 +50,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 async def _serve(pki: Pki, max_version: ssl.TLSVersion) -> AsyncIterator[TlsReceiver]:
     recv = TlsReceiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", recv.dispatch)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
     context = pki.server_context()
     context.maximum_version = max_version
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        recv.port = runner.addresses[0][1]
+    async with serving(recv.dispatch, "127.0.0.1", context) as port:
+        recv.port = port
         yield recv
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from formcraftd.core.config import WebhookTlsConfig, WebhookWorkerConfig, parse
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
 from formcraftd.workers.webhook import WebhookHandler
 from formcraftd.workers.webhook.egress import EgressProxy
-from tests.workers.webhook.pki import Pki, make_pki
+from tests.workers.webhook.pki import Pki, make_pki, serving
 from tests.workers.webhook.support import LOOPBACK_ONLY, Receiver, ctx, job, started_handler
 
 pytestmark = [pytest.mark.webhook, pytest.mark.timeout(30)]
@@ -118,17 +118,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 async def _serve(recv: Receiver, host: str, pki: Pki | None = None) -> AsyncIterator[Receiver]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", recv.dispatch)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    try:
-        context = pki.server_context() if pki else None
-        await web.TCPSite(runner, host, 0, ssl_context=context).start()
-        recv.port = runner.addresses[0][1]
+    context = pki.server_context() if pki else None
+    async with serving(recv.dispatch, host, context) as port:
+        recv.port = port
         yield recv
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture
