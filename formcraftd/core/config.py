@@ -242,6 +242,7 @@ _ENV_KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "EMAIL_WORKER_CONCURRENCY": (("workers", "email", "concurrency"), int),
     "SHEETS_WORKER_CONCURRENCY": (("workers", "sheets", "concurrency"), int),
     "SMTP_PASSWORD": (("workers", "email", "smtp_password"), str),
+    "WEBHOOK_PROXY_URL": (("workers", "webhook", "proxy_url"), str),
     "GOOGLE_CLIENT_ID": (("workers", "sheets", "client_id"), str),
     "GOOGLE_CLIENT_SECRET": (("workers", "sheets", "client_secret"), str),
 }

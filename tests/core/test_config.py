@@ -197,6 +197,12 @@ def test_shipped_config_commented_keys_are_valid(tmp_path: Path) -> None:
         ("EMAIL_WORKER_CONCURRENCY", "7", "workers.email.concurrency", 7),
         ("SHEETS_WORKER_CONCURRENCY", " 4 ", "workers.sheets.concurrency", 4),
         ("SMTP_PASSWORD", "hunter2", "workers.email.smtp_password", "hunter2"),
+        (
+            "WEBHOOK_PROXY_URL",
+            "http://u:p@proxy.internal:4750",
+            "workers.webhook.proxy_url",
+            "http://u:p@proxy.internal:4750",
+        ),
         ("GOOGLE_CLIENT_ID", "cid.apps", "workers.sheets.client_id", "cid.apps"),
         ("GOOGLE_CLIENT_SECRET", "csecret", "workers.sheets.client_secret", "csecret"),
         ("DEBUG", "workers:*", "logging.debug_workers", ("*",)),
