@@ -169,6 +169,15 @@ class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             seen.add(rule.host)
 
 
+class WebhookTlsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One `[[workers.webhook.tls]]` entry: TLS settings for the hosts it matches."""
+
+    host: str  # "hooks.example.com", or "*.example.com" for every name under it
+    client_cert: str = ""  # PEM certificate chain presented to the destination (mTLS)
+    client_key: str = ""  # its PEM private key, unencrypted; empty = inside client_cert
+    ca_file: str = ""  # PEM CA bundle that replaces the system CAs for these hosts
+
+
 class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
     queue: QueueName = "webhook_tasks"
     dead_letter_exchange: QueueName = "dlx.webhook"
@@ -178,6 +187,9 @@ class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown
     allow_private_networks: bool = False
     allowed_networks: tuple[str, ...] = ()
     rate_limit: RateLimitConfig = RateLimitConfig()
+    proxy_url: str = ""  # http://[user:password@]host:port; empty = connect directly
+    no_proxy: tuple[str, ...] = ()  # hosts, .suffixes, IPs or CIDRs sent direct; "*" = all
+    tls: tuple[WebhookTlsConfig, ...] = ()
 
 
 class EmailWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -257,6 +269,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 node = node[part]
             if node.get(key):
                 node[key] = "***"
+        proxy_url = self.workers.webhook.proxy_url
+        if proxy_url:
+            data["workers"]["webhook"]["proxy_url"] = mask_url(proxy_url)
         alert_url = self.monitoring.alert_webhook_url
         if alert_url:
             data["monitoring"]["alert_webhook_url"] = mask_url(alert_url, hide_path=True)
@@ -288,6 +303,7 @@ _ENV_KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "EMAIL_WORKER_CONCURRENCY": (("workers", "email", "concurrency"), int),
     "SHEETS_WORKER_CONCURRENCY": (("workers", "sheets", "concurrency"), int),
     "SMTP_PASSWORD": (("workers", "email", "smtp_password"), str),
+    "WEBHOOK_PROXY_URL": (("workers", "webhook", "proxy_url"), str),
     "GOOGLE_CLIENT_ID": (("workers", "sheets", "client_id"), str),
     "GOOGLE_CLIENT_SECRET": (("workers", "sheets", "client_secret"), str),
     # Set by systemd for a unit with StateDirectory= (the shipped unit: /var/lib/formcraftd,
@@ -439,9 +455,23 @@ def _merge_worker_retry(doc: dict[str, Any]) -> None:
 
 def _resolve_paths(config: Config, base: Path) -> Config:
     email = config.workers.email
+    webhook = config.workers.webhook
 
     def resolve(value: str) -> str:
         return str((base / value).resolve()) if value else value
+
+    webhook = msgspec.structs.replace(
+        webhook,
+        tls=tuple(
+            msgspec.structs.replace(
+                entry,
+                client_cert=resolve(entry.client_cert),
+                client_key=resolve(entry.client_key),
+                ca_file=resolve(entry.ca_file),
+            )
+            for entry in webhook.tls
+        ),
+    )
 
     email = msgspec.structs.replace(
         email,
@@ -449,7 +479,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         attachments_dir=resolve(email.attachments_dir),
         state_dir=resolve(email.state_dir),
     )
-    workers = msgspec.structs.replace(config.workers, email=email)
+    workers = msgspec.structs.replace(config.workers, email=email, webhook=webhook)
     logging = msgspec.structs.replace(
         config.logging, config_file=resolve(config.logging.config_file)
     )
@@ -499,6 +529,63 @@ def _check_cross_fields(config: Config, source: str) -> None:
             raise ConfigError(
                 f"{source}: key workers.webhook.allowed_networks: {cidr[:100]!r} is not a CIDR"
             ) from None
+    try:
+        check_egress(config.workers.webhook)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def _is_host_name(name: str) -> bool:
+    labels = name.split(".")
+    return len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_egress(webhook: WebhookWorkerConfig) -> None:
+    """Raise a one-line :class:`ConfigError` naming the key for a bad proxy or TLS entry.
+
+    The webhook worker parses `no_proxy` and reads the files of the TLS entries
+    (check-config, start and reload all build its routes and TLS contexts).
+    """
+    key = "key workers.webhook"
+    if webhook.proxy_url:
+        parts = urlsplit(webhook.proxy_url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme != "http" or not parts.hostname or port == -1:
+            raise ConfigError(
+                f"{key}.proxy_url: expected http://[user:password@]host:port (an HTTP proxy)"
+            )
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"{key}.proxy_url: a proxy URL has no path, query or fragment")
+    seen: set[str] = set()
+    for i, tls in enumerate(webhook.tls):
+        at = f"{key}.tls[{i}]"
+        host = tls.host.lower().removesuffix(".")
+        name = host.removeprefix("*.")
+        if not name or not (_is_host_name(name) or (host == name and _is_ip(host.strip("[]")))):
+            raise ConfigError(
+                f"{at}.host: {tls.host[:100]!r} is not a host name, IP or *.domain pattern"
+            )
+        if host in seen:
+            raise ConfigError(f"{at}.host: {tls.host[:100]!r} already has an entry")
+        seen.add(host)
+        if not tls.client_cert and not tls.ca_file:
+            raise ConfigError(f"{at}: give client_cert, ca_file or both")
+        if tls.client_key and not tls.client_cert:
+            raise ConfigError(f"{at}.client_key: needs client_cert")
 
 
 UNSUBSCRIBE_PLACEHOLDERS = ("form_id", "submission_id", "job_id", "recipient")

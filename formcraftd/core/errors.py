@@ -57,7 +57,8 @@ ERROR_CODES: dict[str, str] = {
     "VALIDATION_ERROR": "the message is not a valid job (or a field is refused); never retried",
     "RETRIES_EXHAUSTED": "every try failed; the last try's reason is in the error",
     "HTTP_STATUS": "the receiver answered with a status that is not 2xx (retried: 408, 425, 5xx)",
-    "SSRF_BLOCKED": "the webhook URL resolves only to addresses the SSRF guard refuses",
+    "SSRF_BLOCKED": "the webhook URL resolves only to addresses the SSRF guard refuses "
+    "(through the egress proxy: to any such address)",
     "TEMPLATE_ERROR": "the email template or subject cannot be rendered",
     "ATTACHMENT_ERROR": "an attachment is missing, outside attachments_dir or too large",
     "RECIPIENT_REJECTED": "the SMTP relay refused every recipient, the sender or the message",
@@ -75,7 +76,8 @@ ERROR_CODES: dict[str, str] = {
     "TLS_ERROR": "the TLS handshake or the certificate check failed",
     "RATE_LIMITED": "the receiver answered 429 Too Many Requests, or the job was delayed "
     "without a try to keep its destination's rate limit",
-    "PROXY_ERROR": "the egress proxy could not be reached or refused the connection",
+    "PROXY_ERROR": "the egress proxy could not be reached, refused the request or CONNECT, "
+    "or answered with an error of its own",
     "SMTP_TEMPORARY": "the SMTP relay answered 4xx (a recipient, MAIL or DATA)",
     "SMTP_CONNECTION": "the SMTP relay could not be reached, or the connection was lost",
     "RENDER_BUSY": "every render thread is held by a template that ran past its timeout",

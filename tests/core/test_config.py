@@ -162,7 +162,9 @@ def test_shipped_config_sets_every_spec_key() -> None:
 
 def test_shipped_config_commented_keys_are_valid(tmp_path: Path) -> None:
     """Uncommenting every commented key and table of the shipped file still validates."""
-    commented = re.compile(r"^# (?=\[workers\.\w+\.retry\]|[a-z_]+ = )", re.MULTILINE)
+    commented = re.compile(
+        r"^# (?=\[workers\.\w+\.retry\]|\[\[workers\.webhook\.tls\]\]|[a-z_]+ = )", re.MULTILINE
+    )
     text, count = commented.subn("", SHIPPED.read_text(encoding="utf-8"))
     assert count >= 10
     loaded = load_text(tmp_path, text)
@@ -170,6 +172,8 @@ def test_shipped_config_commented_keys_are_valid(tmp_path: Path) -> None:
     assert loaded.workers.webhook.retry.attempts == 5
     assert loaded.workers.email.retry.max_delay_ms == 300000
     assert loaded.workers.email.dead_letter_ttl_ms == 604800000
+    assert loaded.workers.webhook.tls[0].host == "hooks.example.com"
+    assert loaded.workers.webhook.tls[0].client_key == str(tmp_path / "certs" / "client.key")
 
 
 # --- environment overrides -------------------------------------------------------------
@@ -197,6 +201,12 @@ def test_shipped_config_commented_keys_are_valid(tmp_path: Path) -> None:
         ("EMAIL_WORKER_CONCURRENCY", "7", "workers.email.concurrency", 7),
         ("SHEETS_WORKER_CONCURRENCY", " 4 ", "workers.sheets.concurrency", 4),
         ("SMTP_PASSWORD", "hunter2", "workers.email.smtp_password", "hunter2"),
+        (
+            "WEBHOOK_PROXY_URL",
+            "http://u:p@proxy.internal:4750",
+            "workers.webhook.proxy_url",
+            "http://u:p@proxy.internal:4750",
+        ),
         ("GOOGLE_CLIENT_ID", "cid.apps", "workers.sheets.client_id", "cid.apps"),
         ("GOOGLE_CLIENT_SECRET", "csecret", "workers.sheets.client_secret", "csecret"),
         ("STATE_DIRECTORY", "/var/lib/fcd", "workers.email.state_dir", "/var/lib/fcd"),

@@ -10,6 +10,10 @@ drops refused addresses before the connector sees them; IP literals (which
 aiohttp never resolves) are checked by :mod:`~formcraftd.workers.webhook.targets`
 before the request. Reasons name only the URL's origin, never its path or query
 (webhook URLs often carry tokens there), and never a secret or signature.
+
+With `proxy_url`, requests not in `no_proxy` go through the egress proxy
+(:mod:`~formcraftd.workers.webhook.egress`); `[[workers.webhook.tls]]` entries
+give a host its own SSL context (:mod:`~formcraftd.workers.webhook.tls`).
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from formcraftd.core.jobs import WebhookJob
 from formcraftd.core.redaction import mask_url, redact
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
+from formcraftd.workers.webhook.egress import EgressProxy, is_proxy_answer
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
 from formcraftd.workers.webhook.rates import destination_limits, reconfigure_limits
 from formcraftd.workers.webhook.request import WebhookRequest, encode_body, payload_headers
 from formcraftd.workers.webhook.signing import signer_for, webhook_id
 from formcraftd.workers.webhook.targets import check_literal_host, target_of
+from formcraftd.workers.webhook.tls import TlsContexts
 
 if TYPE_CHECKING:
     from formcraftd.core.handler import Handler
@@ -54,12 +60,16 @@ _SLOW_DOWN = frozenset({429, 503})  # answers that lower the destination's rate
 
 
 class _Pool:
-    """One keep-alive ClientSession whose connector is bound to one policy."""
+    """One keep-alive ClientSession whose connector is bound to one policy and proxy."""
 
-    def __init__(self, policy: NetworkPolicy, concurrency: int) -> None:
+    def __init__(
+        self, policy: NetworkPolicy, concurrency: int, proxy: tuple[str, int] | None
+    ) -> None:
         self.policy = policy
+        self.proxy = proxy
         self.inflight = 0
-        self.resolver = GuardedResolver(policy)
+        # The proxy's own address is the operator's choice: the guard lets it through.
+        self.resolver = GuardedResolver(policy, exempt=proxy)
         # No per-host limit: the consumer's limiter already bounds concurrency. The
         # DNS cache only ever holds answers the resolver has checked.
         connector = aiohttp.TCPConnector(
@@ -68,6 +78,7 @@ class _Pool:
             ttl_dns_cache=10,
             resolver=self.resolver,
         )
+        # trust_env=False: HTTP(S)_PROXY and NO_PROXY are never read; only proxy_url.
         self.session = aiohttp.ClientSession(
             connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
         )
@@ -89,6 +100,8 @@ class _Settings:
     max_response_bytes: int
     policy: NetworkPolicy
     concurrency: int
+    proxy: EgressProxy | None
+    tls: TlsContexts
     # total bounds the whole exchange: waiting for a pooled connection,
     # resolving, connecting, sending and reading the response, body included
     # (every body read checks it), so a receiver dribbling bytes cannot stretch
@@ -107,8 +120,15 @@ class _Settings:
             config.max_response_bytes,
             NetworkPolicy.from_config(config),
             config.concurrency,
+            EgressProxy.from_config(config),
+            TlsContexts.from_config(config),
             aiohttp.ClientTimeout(total=t, sock_connect=t, sock_read=t, ceil_threshold=math.inf),
         )
+
+    @property
+    def proxy_endpoint(self) -> tuple[str, int] | None:
+        """The proxy's (host, port), which the SSRF guard lets through."""
+        return None if self.proxy is None else (self.proxy.host, self.proxy.port)
 
 
 @dataclass(slots=True)
@@ -116,6 +136,7 @@ class _Response:
     status: int
     retry_after: str | None
     head: bytes
+    from_proxy: bool = False  # an error the proxy wrote itself (plain http through it)
 
 
 class WebhookHandler:
@@ -138,7 +159,8 @@ class WebhookHandler:
     async def start(self) -> None:
         """Open the shared session."""
         if self._pool is None:
-            self._pool = _Pool(self._settings.policy, self._settings.concurrency)
+            settings = self._settings
+            self._pool = _Pool(settings.policy, settings.concurrency, settings.proxy_endpoint)
 
     async def aclose(self) -> None:
         """Close every session, newest first, logging and continuing on errors."""
@@ -190,7 +212,7 @@ class WebhookHandler:
             with ctx.trace.client(
                 request.method, lambda: _span_attributes(request), carrier=request.headers
             ) as span:
-                response = await _send(pool.session, request, settings)
+                response = await _send(pool, request, settings)
                 span.set_attribute("http.response.status_code", response.status)
                 if response.status >= 400:
                     span.failed(str(response.status))
@@ -221,15 +243,18 @@ class WebhookHandler:
         """The session for the current policy; a changed policy gets a fresh one.
 
         Pooled keep-alive connections and cached DNS answers were checked under
-        the old policy, so they retire with their session.
+        the old policy (and its proxy exemption), so they retire with their session.
         """
         pool = self._pool
         if pool is None:
             raise RuntimeError("WebhookHandler.start() was not called")
         # The identity test settles the usual case without comparing networks.
-        if pool.policy is not settings.policy and pool.policy != settings.policy:
+        proxy = settings.proxy_endpoint
+        if (pool.policy is not settings.policy and pool.policy != settings.policy) or (
+            pool.proxy != proxy
+        ):
             self._retired.append(pool)
-            pool = self._pool = _Pool(settings.policy, settings.concurrency)
+            pool = self._pool = _Pool(settings.policy, settings.concurrency, proxy)
         return pool
 
     async def _close_idle_retired(self) -> None:
@@ -273,9 +298,7 @@ class WebhookHandler:
         )
 
 
-async def _send(
-    session: aiohttp.ClientSession, request: WebhookRequest, settings: _Settings
-) -> _Response:
+async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _Response:
     """Send the request and read the head of the response; translate transport errors.
 
     aiohttp's total timeout (see `_Settings.client_timeout`) is the only
@@ -283,17 +306,29 @@ async def _send(
     last body read, and leaving the block cancels any unfinished upload
     before the connection is closed, so no outer timeout is needed.
     """
+    url = request.url
+    host = url.raw_host or ""
+    proxy, headers = _route(request, settings.proxy)
     try:
-        async with session.request(
+        if proxy is not None:
+            await pool.resolver.check_host(host)
+        async with pool.session.request(
             request.method,
-            request.url,
+            url,
             data=request.body,
-            headers=request.headers,
+            headers=headers,
             allow_redirects=False,
             timeout=settings.client_timeout,
+            proxy=None if proxy is None else proxy.url,
+            ssl=settings.tls.for_host(host) or True,
         ) as resp:
             head = await _read_head(resp, settings.max_response_bytes)
-            return _Response(resp.status, resp.headers.get("Retry-After"), head)
+            from_proxy = (
+                proxy is not None
+                and url.scheme == "http"
+                and is_proxy_answer(resp.status, resp.headers)
+            )
+            return _Response(resp.status, resp.headers.get("Retry-After"), head, from_proxy)
     except AddressRefused as exc:
         raise PermanentFailure(
             "SSRF_BLOCKED", f"{request.origin}: {exc}", reached_service=False
@@ -306,6 +341,8 @@ async def _send(
         raise PermanentFailure(
             "VALIDATION_ERROR", f"{request.origin}: invalid URL", reached_service=False
         ) from None
+    except aiohttp.ClientSSLError as exc:  # a certificate error is a ValueError too
+        raise RetryLater("TLS_ERROR", f"{request.origin}: {_describe(exc)}") from None
     except ValueError as exc:  # what the client refuses to send, e.g. a header it cannot frame
         raise PermanentFailure(
             "VALIDATION_ERROR",
@@ -313,7 +350,47 @@ async def _send(
             reached_service=False,
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise RetryLater(_transport_code(exc), f"{request.origin}: {_describe(exc)}") from None
+        raise _transport_failure(exc, request.origin, proxy) from None
+
+
+def _route(
+    request: WebhookRequest, proxy: EgressProxy | None
+) -> tuple[EgressProxy | None, dict[str, str]]:
+    """The proxy this request goes through (None: direct) and the headers to send."""
+    url = request.url
+    if proxy is None or not proxy.used_for(url.raw_host or "", url.port or 0):
+        return None, request.headers
+    if url.scheme == "http":
+        # A fresh proxy connection per plain-http request: some proxies check,
+        # and strip Proxy-Authorization from, only the first request of a
+        # connection (proxy.py 2.4 relays later ones as they are).
+        return proxy, {**request.headers, "Connection": "close"}
+    return proxy, request.headers
+
+
+def _transport_failure(exc: BaseException, origin: str, proxy: EgressProxy | None) -> RetryLater:
+    """The retry of a request that got no HTTP answer from the destination."""
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused CONNECT (https)
+        return _proxy_failure(f"{origin}: the egress proxy answered {exc.status} to CONNECT")
+    code = _transport_code(exc)
+    if (
+        proxy is not None
+        and isinstance(exc, aiohttp.ClientConnectorError)
+        and exc.host.lower() == proxy.host
+    ):
+        code = "PROXY_ERROR"  # e.g. the proxy's host name does not resolve
+    if code == "PROXY_ERROR":
+        return _proxy_failure(f"{origin}: the egress proxy: {_describe(exc)}")
+    return RetryLater(code, f"{origin}: {_describe(exc)}")
+
+
+def _proxy_failure(reason: str, status: int | None = None) -> RetryLater:
+    """PROXY_ERROR, retried, and not held against the destination's breaker.
+
+    A proxy outage would otherwise open every destination's breaker and
+    report each endpoint as failing.
+    """
+    return RetryLater("PROXY_ERROR", reason, status=status, counts_for_breaker=False)
 
 
 async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -351,7 +428,10 @@ def _transport_code(exc: BaseException) -> RetryCode:
     """The error code of a request that got no HTTP answer (aiohttp's public exceptions)."""
     if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
         return "PROXY_ERROR"
-    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch | ssl.SSLError):
+    # Under TLS 1.3 a receiver refuses a (missing) client certificate after the
+    # handshake: its alert ends the first read, as a ClientOSError from an SSLError.
+    tls = (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch, ssl.SSLError)
+    if isinstance(exc, tls) or isinstance(exc.__cause__, ssl.SSLError):
         return "TLS_ERROR"
     if isinstance(exc, _DNS_ERRORS) or (
         isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, socket.gaierror)
@@ -397,6 +477,11 @@ def _judge(response: _Response, request: WebhookRequest) -> Delivered:
     """What was delivered on 2xx; raise the job's fate otherwise."""
     status = response.status
     head = response.head
+    if response.from_proxy:
+        # Retried like a proxy that cannot be reached, whatever the status.
+        raise _proxy_failure(
+            f"the egress proxy answered HTTP {status} for {request.origin}", status
+        )
     if 200 <= status < 300:
         # Described only if a delivery event asks: most successes never are.
         return Delivered(

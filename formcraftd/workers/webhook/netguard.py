@@ -4,12 +4,19 @@ Unless private networks are allowed, only public addresses are permitted, plus
 the CIDRs an operator lists. :class:`GuardedResolver` drops refused addresses
 from each DNS answer before aiohttp's connector sees them, so the address that
 is checked is the address that is connected (no DNS-rebinding gap).
+
+With an egress proxy, the connection goes to the proxy: the resolver lets the
+proxy's own host and port through unchecked (the operator chose it), and
+:meth:`GuardedResolver.check_host` looks a proxied destination up beforehand.
+That pre-check has a DNS-rebinding gap (the proxy resolves again), so the
+proxy must enforce its own policy; it refuses the obvious private targets.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -55,8 +62,9 @@ class AddressRefused(Exception):
     retryable connection errors, and a refusal must never be retried.
     """
 
-    def __init__(self, host: str) -> None:
-        super().__init__(f"{host} resolves only to private or reserved addresses; {ALLOW_HINT}")
+    def __init__(self, host: str, *, partly: bool = False) -> None:
+        which = "a private or reserved address" if partly else "only private or reserved addresses"
+        super().__init__(f"{host} resolves to {which}; {ALLOW_HINT}")
         self.host = host
 
 
@@ -93,22 +101,60 @@ class NetworkPolicy:
         return is_public_address(ip) or any(ip in net for net in self.allowed)
 
 
-class GuardedResolver(AbstractResolver):
-    """aiohttp's default resolver, minus the addresses the policy refuses."""
+# Pre-check verdicts are kept as long as the connector keeps DNS answers.
+_VERDICT_TTL_S = 10.0
+_VERDICT_ENTRIES = 4096
 
-    def __init__(self, policy: NetworkPolicy) -> None:
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's default resolver, minus the addresses the policy refuses.
+
+    `exempt` is the egress proxy's (host, port): resolved unchecked.
+    """
+
+    def __init__(self, policy: NetworkPolicy, exempt: tuple[str, int] | None = None) -> None:
         self._policy = policy
+        self._exempt = exempt
         self._inner = DefaultResolver()
+        self._verdicts: dict[str, tuple[float, bool]] = {}
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         """Resolve, then keep only permitted addresses; none left is a refusal."""
         results = await self._inner.resolve(host, port, family)
+        if self._exempt is not None and (host.lower(), port) == self._exempt:
+            return results
         permitted = [r for r in results if self._policy.permits(r["host"])]
         if not permitted:
             raise AddressRefused(host)
         return permitted
+
+    async def check_host(self, host: str) -> None:
+        """Raise :class:`AddressRefused` if `host` resolves to any refused address.
+
+        For a destination reached through the proxy, which resolves it again
+        and may pick any of its addresses, hence "any". A failed lookup is
+        left to the proxy (its DNS may see names this host cannot). IP
+        literals are checked up front by the targets module.
+        """
+        if self._policy.allow_private or ":" in host or host.replace(".", "").isdigit():
+            return
+        now = time.monotonic()
+        cached = self._verdicts.get(host)
+        if cached is not None and cached[0] > now:
+            refused = cached[1]
+        else:
+            try:
+                results = await self._inner.resolve(host, 0, socket.AF_UNSPEC)
+            except OSError:
+                return
+            refused = any(not self._policy.permits(r["host"]) for r in results)
+            if len(self._verdicts) >= _VERDICT_ENTRIES:
+                self._verdicts.clear()
+            self._verdicts[host] = (now + _VERDICT_TTL_S, refused)
+        if refused:
+            raise AddressRefused(host, partly=True)
 
     async def close(self) -> None:
         """Release the wrapped resolver."""
