@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,15 +28,23 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from formcraftd.core.config import WebhookWorkerConfig
-from formcraftd.core.errors import PermanentFailure, RetryCode, RetryLater
-from formcraftd.core.events import Emit, EndpointGoneEvent, now
+from formcraftd.core.errors import PermanentFailure, RetryLater
+from formcraftd.core.events import Emit
 from formcraftd.core.handler import Delivered, JobContext
 from formcraftd.core.jobs import WebhookJob
-from formcraftd.core.redaction import mask_url, redact
+from formcraftd.core.redaction import mask_url
 from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
 from formcraftd.workers.webhook.egress import EgressProxy, is_proxy_answer
 from formcraftd.workers.webhook.netguard import AddressRefused, GuardedResolver, NetworkPolicy
+from formcraftd.workers.webhook.outcomes import (
+    SNIPPET_BYTES,
+    Response,
+    describe,
+    gone,
+    judge,
+    transport_failure,
+)
 from formcraftd.workers.webhook.rates import destination_limits, reconfigure_limits
 from formcraftd.workers.webhook.request import WebhookRequest, encode_body, payload_headers
 from formcraftd.workers.webhook.signing import signer_for, webhook_id
@@ -52,10 +58,7 @@ __all__ = ["WebhookHandler"]
 
 log = logging.getLogger("formcraftd.webhook")
 
-_SNIPPET_CHARS = 512
-_SNIPPET_BYTES = _SNIPPET_CHARS * 4  # enough UTF-8 for 512 characters
 _READ_CHUNK = 65_536
-_RETRYABLE = frozenset({408, 425, 429})
 _SLOW_DOWN = frozenset({429, 503})  # answers that lower the destination's rate
 
 
@@ -129,14 +132,6 @@ class _Settings:
     def proxy_endpoint(self) -> tuple[str, int] | None:
         """The proxy's (host, port), which the SSRF guard lets through."""
         return None if self.proxy is None else (self.proxy.host, self.proxy.port)
-
-
-@dataclass(slots=True)
-class _Response:
-    status: int
-    retry_after: str | None
-    head: bytes
-    from_proxy: bool = False  # an error the proxy wrote itself (plain http through it)
 
 
 class WebhookHandler:
@@ -236,8 +231,8 @@ class WebhookHandler:
             ctx.attempt,
         )
         if response.status == 410 and self._emit is not None:
-            self._emit(_gone(job, ctx))
-        return _judge(response, request)
+            self._emit(gone(job, ctx))
+        return judge(response, request)
 
     def _pool_for(self, settings: _Settings) -> _Pool:
         """The session for the current policy; a changed policy gets a fresh one.
@@ -298,7 +293,7 @@ class WebhookHandler:
         )
 
 
-async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _Response:
+async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> Response:
     """Send the request and read the head of the response; translate transport errors.
 
     aiohttp's total timeout (see `_Settings.client_timeout`) is the only
@@ -328,7 +323,7 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
                 and url.scheme == "http"
                 and is_proxy_answer(resp.status, resp.headers)
             )
-            return _Response(resp.status, resp.headers.get("Retry-After"), head, from_proxy)
+            return Response(resp.status, resp.headers.get("Retry-After"), head, from_proxy)
     except AddressRefused as exc:
         raise PermanentFailure(
             "SSRF_BLOCKED", f"{request.origin}: {exc}", reached_service=False
@@ -342,7 +337,7 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
             "VALIDATION_ERROR", f"{request.origin}: invalid URL", reached_service=False
         ) from None
     except aiohttp.ClientSSLError as exc:  # a certificate error is a ValueError too
-        raise RetryLater("TLS_ERROR", f"{request.origin}: {_describe(exc)}") from None
+        raise RetryLater("TLS_ERROR", f"{request.origin}: {describe(exc)}") from None
     except ValueError as exc:  # what the client refuses to send, e.g. a header it cannot frame
         raise PermanentFailure(
             "VALIDATION_ERROR",
@@ -350,7 +345,7 @@ async def _send(pool: _Pool, request: WebhookRequest, settings: _Settings) -> _R
             reached_service=False,
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise _transport_failure(exc, request.origin, proxy) from None
+        raise transport_failure(exc, request.origin, proxy) from None
 
 
 def _route(
@@ -366,31 +361,6 @@ def _route(
         # connection (proxy.py 2.4 relays later ones as they are).
         return proxy, {**request.headers, "Connection": "close"}
     return proxy, request.headers
-
-
-def _transport_failure(exc: BaseException, origin: str, proxy: EgressProxy | None) -> RetryLater:
-    """The retry of a request that got no HTTP answer from the destination."""
-    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused CONNECT (https)
-        return _proxy_failure(f"{origin}: the egress proxy answered {exc.status} to CONNECT")
-    code = _transport_code(exc)
-    if (
-        proxy is not None
-        and isinstance(exc, aiohttp.ClientConnectorError)
-        and exc.host.lower() == proxy.host
-    ):
-        code = "PROXY_ERROR"  # e.g. the proxy's host name does not resolve
-    if code == "PROXY_ERROR":
-        return _proxy_failure(f"{origin}: the egress proxy: {_describe(exc)}")
-    return RetryLater(code, f"{origin}: {_describe(exc)}")
-
-
-def _proxy_failure(reason: str, status: int | None = None) -> RetryLater:
-    """PROXY_ERROR, retried, and not held against the destination's breaker.
-
-    A proxy outage would otherwise open every destination's breaker and
-    report each endpoint as failing.
-    """
-    return RetryLater("PROXY_ERROR", reason, status=status, counts_for_breaker=False)
 
 
 async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -411,40 +381,10 @@ async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
             if not chunk:
                 break
             remaining -= len(chunk)
-            head += chunk[: max(0, _SNIPPET_BYTES - len(head))]
+            head += chunk[: max(0, SNIPPET_BYTES - len(head))]
     except (TimeoutError, aiohttp.ClientError, OSError):
         pass
     return bytes(head)
-
-
-# aiohttp 3.11+ raises ClientConnectorDNSError for a failed lookup; older ones a
-# ClientConnectorError around the resolver's socket.gaierror.
-_DNS_ERRORS: tuple[type[BaseException], ...] = tuple(
-    error for error in (getattr(aiohttp, "ClientConnectorDNSError", None),) if error is not None
-)
-
-
-def _transport_code(exc: BaseException) -> RetryCode:
-    """The error code of a request that got no HTTP answer (aiohttp's public exceptions)."""
-    if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
-        return "PROXY_ERROR"
-    # Under TLS 1.3 a receiver refuses a (missing) client certificate after the
-    # handshake: its alert ends the first read, as a ClientOSError from an SSLError.
-    tls = (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch, ssl.SSLError)
-    if isinstance(exc, tls) or isinstance(exc.__cause__, ssl.SSLError):
-        return "TLS_ERROR"
-    if isinstance(exc, _DNS_ERRORS) or (
-        isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, socket.gaierror)
-    ):
-        return "DNS_ERROR"
-    return "CONNECTION_ERROR"
-
-
-def _describe(exc: BaseException) -> str:
-    """A short name for a transport error; aiohttp's messages may quote the full URL."""
-    os_error = getattr(exc, "os_error", exc)
-    strerror = getattr(os_error, "strerror", None)
-    return f"{type(exc).__name__} ({strerror})" if strerror else type(exc).__name__
 
 
 def _span_attributes(request: WebhookRequest) -> dict[str, str | int]:
@@ -456,60 +396,6 @@ def _span_attributes(request: WebhookRequest) -> dict[str, str | int]:
         "server.port": url.port or 0,
         "url.full": mask_url(str(url), hide_path=True),
     }
-
-
-def _gone(job: WebhookJob, ctx: JobContext) -> EndpointGoneEvent:
-    """`webhook.endpoint_gone` for a 410: the app may disable the integration."""
-    key = target_of(job.payload.url).breaker_key
-    host, _, port = key.removeprefix("webhook:").rpartition(":")
-    return EndpointGoneEvent(
-        url=mask_url(job.payload.url),
-        host=host,
-        port=int(port),
-        job_id=ctx.job_id,
-        form_id=job.metadata.form_id,
-        submission_id=job.metadata.submission_id,
-        at=now(),
-    )
-
-
-def _judge(response: _Response, request: WebhookRequest) -> Delivered:
-    """What was delivered on 2xx; raise the job's fate otherwise."""
-    status = response.status
-    head = response.head
-    if response.from_proxy:
-        # Retried like a proxy that cannot be reached, whatever the status.
-        raise _proxy_failure(
-            f"the egress proxy answered HTTP {status} for {request.origin}", status
-        )
-    if 200 <= status < 300:
-        # Described only if a delivery event asks: most successes never are.
-        return Delivered(
-            status, describe=lambda: _snippet(head, request.sensitive()) if head else ""
-        )
-    snippet = _snippet(head, request.sensitive()) if head else ""
-    reason = f"HTTP {status} from {request.origin}"
-    if 300 <= status < 400:
-        reason += " (redirects are not followed)"
-    if snippet:
-        reason += f": {snippet}"
-    if status in _RETRYABLE or 500 <= status < 600:
-        raise RetryLater(
-            "RATE_LIMITED" if status == 429 else "HTTP_STATUS",
-            reason,
-            after=parse_retry_after(response.retry_after),
-            status=status,
-            snippet=snippet,
-        )
-    raise PermanentFailure("HTTP_STATUS", reason, status=status, snippet=snippet)
-
-
-def _snippet(head: bytes, sensitive: tuple[str, ...]) -> str:
-    """The start of a response body on one line, with anything we sent that is secret masked."""
-    text = head.decode("utf-8", errors="replace")
-    for secret in sensitive:
-        text = text.replace(secret, "[redacted]")
-    return one_line(redact(text), _SNIPPET_CHARS)
 
 
 if TYPE_CHECKING:
