@@ -369,7 +369,14 @@ class EmailHandler:
             extra={"queue": ctx.queue, "job_id": ctx.job_id, "status": code},
         )
         try:
-            await self.suppression.add(rcpt, reason=f"{code} {text}", status=code, source="smtp")
+            await self.suppression.add(
+                rcpt,
+                reason=f"{code} {text}",
+                status=code,
+                source="smtp",
+                kind="hard_bounce",
+                job_id=ctx.job_id,
+            )
         except (SuppressionError, ValueError) as exc:
             log.error("could not suppress %s: %s", rcpt, exc)
 
