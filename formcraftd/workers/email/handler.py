@@ -39,6 +39,7 @@ from formcraftd.core.events import Emit
 from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import EmailJob
 from formcraftd.workers.email import mime
+from formcraftd.workers.email.bounces import BounceLedger, BouncePolicy
 from formcraftd.workers.email.render_threads import RenderThreads, RenderThreadsBusy
 from formcraftd.workers.email.smtp_pool import (
     IDLE_TIMEOUT_S,
@@ -145,15 +146,29 @@ class EmailHandler:
         self.render_threads = RenderThreads(config.concurrency)
         self.pool = SmtpPool(self._settings.smtp, config.concurrency, idle_timeout_s=idle_timeout_s)
         self.suppression = SuppressionList(config.state_dir)
+        # Bounces and complaints: on when a mailbox or a provider webhook is configured.
+        self.bounces: BouncePolicy | None = None
+        if config.bounces.enabled:
+            self.bounces = BouncePolicy(
+                config.bounces,
+                return_path=config.return_path,
+                suppression=self.suppression,
+                ledger=BounceLedger(config.state_dir),
+                emit=emit,
+            )
 
     async def start(self) -> None:
-        """Open the suppression list and start the connection pool."""
+        """Open the suppression list (and the bounce ledger), start the connection pool."""
         await self.suppression.open()
+        if self.bounces is not None:
+            await self.bounces.ledger.open()
         await self.pool.start()
 
     async def aclose(self) -> None:
         """Close the pool, the suppression list, the render threads; log and go on on errors."""
-        closers = (("SMTP pool", self.pool.aclose), ("suppression list", self.suppression.aclose))
+        closers = [("SMTP pool", self.pool.aclose), ("suppression list", self.suppression.aclose)]
+        if self.bounces is not None:
+            closers.append(("bounce ledger", self.bounces.ledger.aclose))
         for name, close in closers:
             try:
                 await close()
@@ -176,9 +191,16 @@ class EmailHandler:
         settings = _Settings.from_config(config)
         renderer = TemplateRenderer(config.templates_dir, timeout_s=self._render_timeout_s)
 
+        bounces = config.bounces
+
         def apply() -> None:
             if settings.state_dir != self._settings.state_dir:
                 log.warning("workers.email.state_dir changed; a restart moves the suppression list")
+            if self.bounces is None or not bounces.enabled:
+                if self.bounces is not None or bounces.enabled:
+                    log.warning("workers.email.bounces turned on or off; a restart applies it")
+            else:
+                self.bounces.reconfigure(bounces, config.return_path)
             self.pool.reconfigure(settings.smtp, settings.concurrency)
             self.render_threads.resize(settings.concurrency)
             self._settings, self._renderer = settings, renderer
@@ -215,6 +237,7 @@ class EmailHandler:
             ctx.attempt,
             extra={"queue": ctx.queue, "job_id": ctx.job_id},
         )
+        await self._remember(job, ctx, replies)
         await self._judge(job, ctx, recipients, replies)
 
     def _unsuppressed(self, recipients: list[_Recipient], ctx: JobContext) -> list[_Recipient]:
@@ -359,6 +382,18 @@ class EmailHandler:
                 f"all {len(rejected)} recipients refused ({code} {text})",
                 status=code,
             )
+
+    async def _remember(self, job: EmailJob, ctx: JobContext, replies: RecipientReplies) -> None:
+        """Note the job in the bounce ledger, so that a later bounce can name it."""
+        if self.bounces is None or not replies.accepted:
+            return
+        metadata = job.metadata
+        try:
+            await self.bounces.record_sent(
+                ctx.job_id, metadata.form_id, metadata.submission_id, list(replies.accepted)
+            )
+        except SuppressionError as exc:
+            log.error("job %s: could not note it for bounces: %s", ctx.job_id, exc)
 
     async def _suppress(self, rcpt: str, code: int, text: str, ctx: JobContext) -> None:
         log.warning(
