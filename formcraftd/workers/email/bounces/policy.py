@@ -193,6 +193,7 @@ class BouncePolicy:
             )
         )
 
+
 def _smtp_code(diagnostic: str | None) -> int | None:
     """The SMTP reply code a diagnostic starts with (`550 5.1.1 ...` -> 550)."""
     head = (diagnostic or "")[:3]

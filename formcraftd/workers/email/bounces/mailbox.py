@@ -1,0 +1,252 @@
+"""The bounce mailbox: reads DSNs and complaints over IMAP (aioimaplib) and applies them.
+
+The daemon runs :meth:`BounceMailbox.run` as a supervised background task
+while `workers.email.bounces.imap_host` is set. It logs in, selects
+`imap_folder` and reads every message there it has not seen yet: a DSN or an
+ARF report that matches a job this host sent (see :mod:`.policy`) is applied,
+then flagged (``\\Seen`` and ``$FormCraftProcessed``) and moved to
+`imap_processed_folder`. Anything else — a reply from a person, an
+auto-reply, a report it cannot parse or match — is left exactly as it was (it
+is read with ``BODY.PEEK``, so not even ``\\Seen`` changes) and counted once.
+
+It waits for new mail with IDLE when the server offers it, else searches
+every `imap_poll_interval_s`. A failure (connection refused, login refused,
+the connection dropping) is logged and retried with exponential backoff; it
+never touches the queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+import time
+
+import aioimaplib
+
+from formcraftd.core.bounces import BounceCounts, BounceReport, BounceSink
+from formcraftd.core.config import BouncesConfig
+from formcraftd.core.errors import FormcraftError
+from formcraftd.workers.email.bounces.arf import parse_arf
+from formcraftd.workers.email.bounces.dsn import parse_dsn
+from formcraftd.workers.email.bounces.reports import NotAReport, ParsedReport, parse_message
+
+__all__ = ["BounceMailbox", "MailboxError", "read_report"]
+
+log = logging.getLogger("formcraftd.email.bounces")
+
+PROCESSED_KEYWORD = "$FormCraftProcessed"
+BACKOFF_INITIAL_S = 1.0
+BACKOFF_MAX_S = 300.0
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_SEEN_MAX = 100_000  # unprocessable messages remembered, so each is read and counted once
+
+
+class MailboxError(FormcraftError):
+    """The IMAP server refused a command (login, select, fetch, move)."""
+
+
+def read_report(raw: bytes) -> ParsedReport:
+    """A DSN or an ARF report; :class:`NotAReport` for anything else."""
+    message = parse_message(raw)
+    try:
+        return parse_dsn(message)
+    except NotAReport:
+        return parse_arf(message)
+
+
+def _quoted(mailbox: str) -> str:
+    # The config refuses quotes, backslashes and control characters in folder names.
+    return f'"{mailbox}"'
+
+
+def _check(response: aioimaplib.Response, what: str) -> aioimaplib.Response:
+    if response.result != "OK":
+        said = b" ".join(line for line in response.lines if isinstance(line, bytes))
+        text = said.decode("utf-8", "replace")[:200]
+        raise MailboxError(f"{what} refused: {response.result} {text}".strip())
+    return response
+
+
+class BounceMailbox:
+    """Reads the bounce mailbox until cancelled, reconnecting with backoff."""
+
+    def __init__(
+        self,
+        config: BouncesConfig,
+        sink: BounceSink,
+        counts: BounceCounts,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        backoff_s: tuple[float, float] = (BACKOFF_INITIAL_S, BACKOFF_MAX_S),
+    ) -> None:
+        self.config = config
+        self._backoff_s = backoff_s
+        self._sink = sink
+        self._counts = counts
+        self._ssl_context = ssl_context
+        self.connected = False
+        self.last_error: str | None = None
+        self.scans = 0  # completed searches of the folder
+        self._seen: set[tuple[int, int]] = set()  # (UIDVALIDITY, UID) left alone
+        self._scanned = asyncio.Condition()
+
+    @property
+    def where(self) -> str:
+        config = self.config
+        return f"{config.imap_username}@{config.imap_host}:{config.imap_port}/{config.imap_folder}"
+
+    async def run(self) -> None:
+        """Read the mailbox forever; a broken connection is retried with backoff."""
+        initial, ceiling = self._backoff_s
+        delay = initial
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except (OSError, TimeoutError, MailboxError, aioimaplib.AioImapException) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning(
+                    "bounce mailbox %s: %s; retrying in %.0f s", self.where, self.last_error, delay
+                )
+            finally:
+                self.connected = False
+            if time.monotonic() - started > ceiling:
+                delay = initial  # it worked for a while: start the backoff afresh
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, ceiling)
+
+    async def wait_scans(self, count: int) -> None:
+        """Wait until the folder was searched `count` times in all (for tests and status)."""
+        async with self._scanned:
+            await self._scanned.wait_for(lambda: self.scans >= count)
+
+    async def _session(self) -> None:
+        config = self.config
+        client: aioimaplib.IMAP4
+        if config.imap_security == "tls":
+            context = self._ssl_context or ssl.create_default_context()
+            client = aioimaplib.IMAP4_SSL(
+                config.imap_host,
+                config.imap_port,
+                timeout=config.imap_timeout_s,
+                ssl_context=context,
+            )
+        else:
+            client = aioimaplib.IMAP4(
+                config.imap_host, config.imap_port, timeout=config.imap_timeout_s
+            )
+        try:
+            await client.wait_hello_from_server()
+            _check(await client.login(config.imap_username, config.imap_password), "LOGIN")
+            # CREATE answers NO when the folder exists already: that is fine.
+            await client.create(_quoted(config.imap_processed_folder))
+            selected = _check(await client.select(_quoted(config.imap_folder)), "SELECT")
+            uidvalidity = self._uidvalidity(selected)
+            self.connected, self.last_error = True, None
+            idle = client.has_capability("IDLE")
+            log.info(
+                "bounce mailbox %s: connected; %s",
+                self.where,
+                "waiting with IDLE"
+                if idle
+                else f"searching every {config.imap_poll_interval_s:g} s",
+            )
+            while True:
+                await self._scan(client, uidvalidity)
+                if idle:
+                    await self._idle(client)
+                else:
+                    await asyncio.sleep(config.imap_poll_interval_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.logout()
+
+    @staticmethod
+    def _uidvalidity(selected: aioimaplib.Response) -> int:
+        for line in selected.lines:
+            if isinstance(line, bytes | bytearray):
+                match = _UIDVALIDITY.search(bytes(line))
+                if match:
+                    return int(match.group(1))
+        return 0
+
+    async def _idle(self, client: aioimaplib.IMAP4) -> None:
+        """Wait for the server to announce a change, at most `imap_idle_s`."""
+        timeout = self.config.imap_idle_s
+        idle = await client.idle_start(timeout=timeout)
+        with contextlib.suppress(TimeoutError):
+            await client.wait_server_push(timeout=timeout + 5)
+        client.idle_done()
+        await asyncio.wait_for(idle, self.config.imap_timeout_s)
+
+    async def _scan(self, client: aioimaplib.IMAP4, uidvalidity: int) -> None:
+        """Read and handle every message not seen yet."""
+        found = _check(await client.uid_search("UNDELETED", charset=None), "SEARCH")
+        uids = [
+            int(word)
+            for line in found.lines[:-1]
+            if isinstance(line, bytes)
+            for word in line.split()
+            if word.isdigit()
+        ]
+        for uid in uids:
+            if (uidvalidity, uid) not in self._seen:
+                await self._handle(client, uidvalidity, uid)
+        async with self._scanned:
+            self.scans += 1
+            self._scanned.notify_all()
+
+    async def _handle(self, client: aioimaplib.IMAP4, uidvalidity: int, uid: int) -> None:
+        limit = self.config.imap_max_message_bytes
+        fetched = _check(await client.uid("fetch", str(uid), f"(BODY.PEEK[]<0.{limit}>)"), "FETCH")
+        raw = next((bytes(x) for x in fetched.lines if isinstance(x, bytearray)), None)
+        if raw is None:  # expunged meanwhile by someone else
+            return
+        try:
+            parsed = read_report(raw)
+        except NotAReport as exc:
+            self._leave(uidvalidity, uid, "unparsed", str(exc))
+            return
+        applied = 0
+        for result in parsed.results:
+            report = BounceReport(
+                result.type,
+                result.recipient,
+                "imap",
+                result.status,
+                result.diagnostic,
+                tuple(parsed.message_ids),
+                tuple(parsed.job_ids),
+                tuple(parsed.envelope_to),
+            )
+            outcome = await self._sink.take(report, require_match=True)
+            applied += outcome.ignored is None
+        if not applied:
+            self._leave(uidvalidity, uid, "unmatched", "no job sent by this host matches it")
+            return
+        await self._file(client, uid)
+
+    def _leave(self, uidvalidity: int, uid: int, reason: str, why: str) -> None:
+        self._counts.skip(reason)
+        if len(self._seen) >= _SEEN_MAX:
+            self._seen.clear()  # they will be read (and counted) once more; memory stays bounded
+        self._seen.add((uidvalidity, uid))
+        log.info(
+            "bounce mailbox %s: message UID %d left alone (%s): %s", self.where, uid, reason, why
+        )
+
+    async def _file(self, client: aioimaplib.IMAP4, uid: int) -> None:
+        """Flag a processed message and move it to the processed folder."""
+        flags = f"(\\Seen {PROCESSED_KEYWORD})"
+        _check(await client.uid("store", str(uid), "+FLAGS", flags), "STORE")
+        target = _quoted(self.config.imap_processed_folder)
+        if client.has_capability("MOVE"):
+            _check(await client.uid("move", str(uid), target), "MOVE")
+            return
+        _check(await client.uid("copy", str(uid), target), "COPY")
+        _check(await client.uid("store", str(uid), "+FLAGS", "(\\Deleted)"), "STORE")
+        if client.has_capability("UIDPLUS"):  # never a plain EXPUNGE: it would take others' mail
+            _check(await client.uid("expunge", str(uid)), "EXPUNGE")
