@@ -74,6 +74,9 @@ default_internal_group = {group}
 first_valid_uid = 0
 mail_location = maildir:{root}/mail/%u/Maildir
 mail_plugins =
+# IDLE notices new mail through inotify; a message that lands while IDLE is being set
+# up is otherwise only seen at the next check (30 s by default).
+mailbox_idle_check_interval = 1 secs
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/passwd
@@ -142,6 +145,8 @@ class Dovecot:
         await client.logout()
 
     async def stop(self) -> None:
+        """Stop it, and wait until its port refuses connections (its login processes,
+        which outlive the master for a moment, are gone too)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -149,15 +154,28 @@ class Dovecot:
             except TimeoutError:
                 self.process.kill()
                 self.process.wait()
+        async with asyncio.timeout(15):
+            while await self._answers():  # noqa: ASYNC110 - a port has no event to wait on
+                await asyncio.sleep(0.05)
+
+    async def _answers(self) -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
 
     def spawn(self) -> None:
         """Start `dovecot -F` (in the foreground: a child of the tests, not a daemon)."""
-        self.process = subprocess.Popen(
-            [dovecot_binary(), "-F", "-c", str(self.root / "dovecot.conf")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with (self.root / "dovecot.out").open("ab") as out:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [dovecot_binary(), "-F", "-c", str(self.root / "dovecot.conf")],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     async def start(self) -> None:
         """Start it (again, on the same port and Maildir) and wait until it answers."""
@@ -166,14 +184,10 @@ class Dovecot:
         async with asyncio.timeout(15):
             while True:
                 if self.process.poll() is not None:
-                    _, err = self.process.communicate()
-                    log = self.root / "dovecot.log"
-                    detail = log.read_text()[-2000:] if log.exists() else ""
-                    raise AssertionError(f"dovecot exited: {err.decode()[-2000:]}{detail}")
-                with contextlib.suppress(OSError):
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                    writer.close()
-                    await writer.wait_closed()
+                    said = [self.root / "dovecot.out", self.root / "dovecot.log"]
+                    detail = "".join(p.read_text()[-2000:] for p in said if p.exists())
+                    raise AssertionError(f"dovecot exited: {detail}")
+                if await self._answers():
                     return
                 await asyncio.sleep(0.05)
 

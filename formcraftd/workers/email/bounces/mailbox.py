@@ -23,6 +23,7 @@ import logging
 import re
 import ssl
 import time
+from collections.abc import Callable
 
 import aioimaplib
 
@@ -107,9 +108,9 @@ class BounceMailbox:
             try:
                 await self._session()
             except (OSError, TimeoutError, MailboxError, aioimaplib.AioImapException) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self.last_error = f"{type(exc).__name__}: {exc or 'timed out'}"[:300]
                 log.warning(
-                    "bounce mailbox %s: %s; retrying in %.0f s", self.where, self.last_error, delay
+                    "bounce mailbox %s: %s; retrying in %g s", self.where, self.last_error, delay
                 )
             finally:
                 self.connected = False
@@ -125,19 +126,8 @@ class BounceMailbox:
 
     async def _session(self) -> None:
         config = self.config
-        client: aioimaplib.IMAP4
-        if config.imap_security == "tls":
-            context = self._ssl_context or ssl.create_default_context()
-            client = aioimaplib.IMAP4_SSL(
-                config.imap_host,
-                config.imap_port,
-                timeout=config.imap_timeout_s,
-                ssl_context=context,
-            )
-        else:
-            client = aioimaplib.IMAP4(
-                config.imap_host, config.imap_port, timeout=config.imap_timeout_s
-            )
+        lost = asyncio.Event()
+        client = self._client(lambda _exc: lost.set())
         try:
             await client.wait_hello_from_server()
             _check(await client.login(config.imap_username, config.imap_password), "LOGIN")
@@ -154,15 +144,31 @@ class BounceMailbox:
                 if idle
                 else f"searching every {config.imap_poll_interval_s:g} s",
             )
-            while True:
+            while not lost.is_set():
                 await self._scan(client, uidvalidity)
                 if idle:
-                    await self._idle(client)
+                    await self._idle(client, lost)
                 else:
-                    await asyncio.sleep(config.imap_poll_interval_s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), config.imap_poll_interval_s)
+            raise MailboxError("the server closed the connection")
         finally:
-            with contextlib.suppress(Exception):
-                await client.logout()
+            if not lost.is_set():  # also when cancelled: end IDLE, say goodbye
+                with contextlib.suppress(Exception):
+                    if client.has_pending_idle():
+                        client.idle_done()
+                    await client.logout()
+
+    def _client(self, on_lost: Callable[[Exception | None], None]) -> aioimaplib.IMAP4:
+        """A client connecting now; `on_lost` is called when the connection goes."""
+        config = self.config
+        host, port, timeout = config.imap_host, config.imap_port, config.imap_timeout_s
+        if config.imap_security == "none":
+            return aioimaplib.IMAP4(host, port, timeout=timeout, conn_lost_cb=on_lost)
+        context = self._ssl_context or ssl.create_default_context()  # IMAPS: TLS from the start
+        return aioimaplib.IMAP4(
+            host, port, timeout=timeout, conn_lost_cb=on_lost, ssl_context=context
+        )
 
     @staticmethod
     def _uidvalidity(selected: aioimaplib.Response) -> int:
@@ -173,12 +179,22 @@ class BounceMailbox:
                     return int(match.group(1))
         return 0
 
-    async def _idle(self, client: aioimaplib.IMAP4) -> None:
-        """Wait for the server to announce a change, at most `imap_idle_s`."""
+    async def _idle(self, client: aioimaplib.IMAP4, lost: asyncio.Event) -> None:
+        """Wait for the server to announce a change (at most `imap_idle_s`) or to go away."""
         timeout = self.config.imap_idle_s
         idle = await client.idle_start(timeout=timeout)
-        with contextlib.suppress(TimeoutError):
-            await client.wait_server_push(timeout=timeout + 5)
+        push = asyncio.ensure_future(client.wait_server_push(timeout=timeout + 5))
+        gone = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait((push, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (push, gone):
+                waiter.cancel()
+            await asyncio.gather(push, gone, return_exceptions=True)
+        if lost.is_set():
+            idle.cancel()
+            await asyncio.gather(idle, return_exceptions=True)
+            return
         client.idle_done()
         await asyncio.wait_for(idle, self.config.imap_timeout_s)
 
