@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from formcraftd.core.config import BouncesConfig
+
 BounceType = Literal["hard", "soft", "complaint"]
 BounceSource = Literal["imap", "mailgun", "postmark"]
 
@@ -70,3 +72,23 @@ class BounceCounts:
 
     def refuse(self, provider: str) -> None:
         self.refused[provider] = self.refused.get(provider, 0) + 1
+
+
+class BackgroundReader(Protocol):
+    """The bounce mailbox as the daemon sees it: a task to supervise, a state to show."""
+
+    connected: bool
+    last_error: str | None
+
+    async def run(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BounceIntake:
+    """What the email worker offers the daemon when bounce handling is configured:
+    the policy to feed (webhooks), its counts (metrics), and the mailbox reader, if any."""
+
+    config: BouncesConfig
+    sink: BounceSink
+    counts: BounceCounts
+    mailbox: BackgroundReader | None = None

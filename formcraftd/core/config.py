@@ -146,7 +146,8 @@ class BouncesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     imap_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     imap_max_message_bytes: PositiveInt = 1_048_576  # read at most this much of a message
     mailgun_signing_key: str = ""
-    mailgun_max_age_s: PositiveInt = 300  # older signed timestamps are refused (replays)
+    # older signed timestamps are refused (replays); tokens are remembered for an hour
+    mailgun_max_age_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 300
     postmark_username: str = "postmark"
     postmark_password: str = ""
     soft_bounce_limit: PositiveInt = 3  # soft bounces of one address within the window ...

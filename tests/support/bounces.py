@@ -7,10 +7,19 @@ the ids inside are the ones a bounce of that job would carry.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from email.headerregistry import Address
+from pathlib import Path
+from typing import Any
 
+from formcraftd.core.events import Event
 from formcraftd.workers.email import mime
+from formcraftd.workers.email.bounces import BounceLedger, BouncePolicy
+from formcraftd.workers.email.suppression import SuppressionList
+from tests.support import Names, make_config
 
 DOMAIN = "forms.example"
 RETURN_PATH = "bounces+{job_id}@forms.example"
@@ -304,3 +313,54 @@ I'm afraid I wasn't able to deliver your message to the following addresses.
 <{recipient}>:
 Sorry, no mailbox here by that name. (#5.1.1)
 """.encode()
+
+
+# --- a policy over a real suppression list and ledger ------------------------------------
+
+
+@dataclass
+class PolicyUnderTest:
+    """A BouncePolicy on a real suppression list and ledger, and the events it emitted."""
+
+    policy: BouncePolicy
+    events: list[Event]
+
+    @property
+    def suppression(self) -> SuppressionList:
+        return self.policy.suppression
+
+
+MakePolicy = Callable[..., Awaitable[PolicyUnderTest]]
+
+
+@contextlib.asynccontextmanager
+async def policy_factory(state_dir: Path) -> AsyncIterator[MakePolicy]:
+    """Makes opened BouncePolicies over `state_dir` (bounce settings as keyword arguments,
+    `return_path` too); closes them all at the end."""
+    opened: list[BouncePolicy] = []
+
+    async def make(**settings: Any) -> PolicyUnderTest:
+        return_path = settings.pop("return_path", RETURN_PATH)
+        section: dict[str, Any] = {"state_dir": str(state_dir), "return_path": return_path}
+        section["bounces"] = {"postmark_password": "on", **settings}
+        cfg = make_config(Names(), email=section).workers.email
+        events: list[Event] = []
+        suppression = SuppressionList(cfg.state_dir)
+        await suppression.open()
+        policy = BouncePolicy(
+            cfg.bounces,
+            return_path=cfg.return_path,
+            suppression=suppression,
+            ledger=BounceLedger(cfg.state_dir),
+            emit=events.append,
+        )
+        await policy.ledger.open()
+        opened.append(policy)
+        return PolicyUnderTest(policy, events)
+
+    try:
+        yield make
+    finally:
+        for policy in opened:
+            await policy.ledger.aclose()
+            await policy.suppression.aclose()

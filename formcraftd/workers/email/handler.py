@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from formcraftd.core.bounces import BounceIntake
 from formcraftd.core.config import EmailWorkerConfig
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryCode, RetryLater
 from formcraftd.core.events import Emit
@@ -40,6 +41,7 @@ from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import EmailJob
 from formcraftd.workers.email import mime
 from formcraftd.workers.email.bounces import BounceLedger, BouncePolicy
+from formcraftd.workers.email.bounces.mailbox import BounceMailbox
 from formcraftd.workers.email.render_threads import RenderThreads, RenderThreadsBusy
 from formcraftd.workers.email.smtp_pool import (
     IDLE_TIMEOUT_S,
@@ -148,14 +150,19 @@ class EmailHandler:
         self.suppression = SuppressionList(config.state_dir)
         # Bounces and complaints: on when a mailbox or a provider webhook is configured.
         self.bounces: BouncePolicy | None = None
+        self.bounce_intake: BounceIntake | None = None
         if config.bounces.enabled:
-            self.bounces = BouncePolicy(
+            self.bounces = policy = BouncePolicy(
                 config.bounces,
                 return_path=config.return_path,
                 suppression=self.suppression,
                 ledger=BounceLedger(config.state_dir),
                 emit=emit,
             )
+            mailbox = None
+            if config.bounces.mailbox_enabled:
+                mailbox = BounceMailbox(config.bounces, policy, policy.counts)
+            self.bounce_intake = BounceIntake(config.bounces, policy, policy.counts, mailbox)
 
     async def start(self) -> None:
         """Open the suppression list (and the bounce ledger), start the connection pool."""

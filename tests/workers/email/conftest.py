@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from formcraftd.core.events import Event
-from formcraftd.workers.email.bounces import BounceLedger, BouncePolicy
 from formcraftd.workers.email.handler import EmailHandler
-from formcraftd.workers.email.suppression import SuppressionList
 from tests.support import Names, make_config
-from tests.support.bounces import RETURN_PATH
+from tests.support.bounces import MakePolicy, policy_factory
 from tests.support.smtp import HandlerFactory, SmtpFactory, SmtpServer, running_servers
 
 
@@ -76,43 +72,8 @@ def alerts() -> Iterator[list[logging.LogRecord]]:
     logger.removeHandler(collector)
 
 
-@dataclass
-class PolicyUnderTest:
-    """A BouncePolicy on a real suppression list and ledger, and the events it emitted."""
-
-    policy: BouncePolicy
-    events: list[Event]
-
-    @property
-    def suppression(self) -> SuppressionList:
-        return self.policy.suppression
-
-
 @pytest.fixture
-async def make_policy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[PolicyUnderTest]]]:
+async def make_policy(tmp_path: Path) -> AsyncIterator[MakePolicy]:
     """Opened BouncePolicies over `tmp_path/var` (settings as keyword arguments); closed after."""
-    opened: list[BouncePolicy] = []
-
-    async def make(**settings: Any) -> PolicyUnderTest:
-        return_path = settings.pop("return_path", RETURN_PATH)
-        section = {"state_dir": str(tmp_path / "var"), "return_path": return_path}
-        section["bounces"] = {"postmark_password": "on", **settings}
-        cfg = make_config(Names(), email=section).workers.email
-        events: list[Event] = []
-        suppression = SuppressionList(cfg.state_dir)
-        await suppression.open()
-        policy = BouncePolicy(
-            cfg.bounces,
-            return_path=cfg.return_path,
-            suppression=suppression,
-            ledger=BounceLedger(cfg.state_dir),
-            emit=events.append,
-        )
-        await policy.ledger.open()
-        opened.append(policy)
-        return PolicyUnderTest(policy, events)
-
-    yield make
-    for policy in opened:
-        await policy.ledger.aclose()
-        await policy.suppression.aclose()
+    async with policy_factory(tmp_path / "var") as make:
+        yield make

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgspec
@@ -15,12 +15,11 @@ from formcraftd.core.bounces import BounceCounts
 from formcraftd.core.events import EmailBouncedEvent, EmailComplainedEvent
 from formcraftd.workers.email.bounces.mailbox import PROCESSED_KEYWORD, BounceMailbox
 from tests.support import TcpProxy, bounces
+from tests.support.bounces import MakePolicy, PolicyUnderTest
 from tests.support.imap import PASSWORD, USER, Dovecot, running_dovecot
-from tests.workers.email.conftest import PolicyUnderTest
 
 pytestmark = [pytest.mark.email]
 
-MakePolicy = Callable[..., Awaitable[PolicyUnderTest]]
 PROCESSED = "formcraftd-processed"
 WAIT_S = 15.0
 

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 
 from formcraftd.core.bounces import BounceReport
 from formcraftd.core.events import EmailBouncedEvent, EmailComplainedEvent, routing_key
 from tests.support import bounces
-from tests.workers.email.conftest import PolicyUnderTest
+from tests.support.bounces import MakePolicy, PolicyUnderTest
 
 pytestmark = [pytest.mark.email]
 
-MakePolicy = Callable[..., Awaitable[PolicyUnderTest]]
 JOB = "job-7d1e"
 RCPT = "ada@dest.example"
 
