@@ -35,7 +35,9 @@ async def make_handler(tmp_path: Path) -> AsyncIterator[HandlerFactory]:
 
     async def make(server: SmtpServer | None, /, **settings: Any) -> EmailHandler:
         options = {
-            k: settings.pop(k) for k in ("idle_timeout_s", "render_timeout_s") if k in settings
+            k: settings.pop(k)
+            for k in ("idle_timeout_s", "render_timeout_s", "emit")
+            if k in settings
         }
         section = {
             "enabled": True,

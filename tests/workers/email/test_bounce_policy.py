@@ -8,9 +8,10 @@ import time
 import pytest
 
 from formcraftd.core.bounces import BounceReport
-from formcraftd.core.events import EmailBouncedEvent, EmailComplainedEvent, routing_key
+from formcraftd.core.events import EmailBouncedEvent, EmailComplainedEvent, Event, routing_key
 from tests.support import bounces
 from tests.support.bounces import MakePolicy, PolicyUnderTest
+from tests.support.smtp import HandlerFactory, SmtpServer, email_job, job_context
 
 pytestmark = [pytest.mark.email]
 
@@ -157,3 +158,29 @@ async def test_a_later_soft_bounce_never_lifts_a_hard_suppression(make_policy: M
     await under.policy.take(report("soft"), require_match=True)
     [entry] = await under.suppression.entries()
     assert (entry.kind, entry.expires_at) == ("hard_bounce", None)
+
+
+async def test_a_sent_job_is_remembered_so_its_bounce_names_form_and_submission(
+    smtp_server: SmtpServer, make_handler: HandlerFactory
+) -> None:
+    """The email handler notes each sent job; a DSN to its VERP address then matches it."""
+    events: list[Event] = []
+    handler = await make_handler(
+        smtp_server,
+        return_path=bounces.RETURN_PATH,
+        bounces={"mailgun_signing_key": "on"},
+        emit=events.append,
+    )
+    assert handler.bounces is not None
+    job = email_job(RCPT)
+    await handler.handle(job, job_context(JOB))
+    assert smtp_server.received[0].mail_from == bounces.verp(JOB)
+    outcome = await handler.bounces.take(report("hard"), require_match=True)
+    assert outcome.job_id == JOB
+    [event] = events
+    assert isinstance(event, EmailBouncedEvent)
+    assert (event.form_id, event.submission_id) == (
+        job.metadata.form_id,
+        job.metadata.submission_id,
+    )
+    assert handler.suppression.suppressed([RCPT]) == {RCPT}
