@@ -13,7 +13,7 @@ import pytest
 
 from formcraftd.core.bounces import BounceCounts
 from formcraftd.core.events import EmailBouncedEvent, EmailComplainedEvent
-from formcraftd.workers.email.bounces.mailbox import PROCESSED_KEYWORD, BounceMailbox
+from formcraftd.workers.email.bounces.mailbox import BounceMailbox
 from tests.support import TcpProxy, bounces
 from tests.support.bounces import MakePolicy, PolicyUnderTest
 from tests.support.imap import PASSWORD, USER, Dovecot, running_dovecot
@@ -104,7 +104,7 @@ async def test_dsns_of_three_mta_styles_and_a_complaint_are_applied_and_filed(
         await until(lambda: len(dovecot.messages(PROCESSED)) == 4)
         await mailbox.wait_scans(1)
     assert dovecot.messages("INBOX") == []
-    assert processed_flags(dovecot) == [f"S {PROCESSED_KEYWORD}"] * 4
+    assert processed_flags(dovecot) == ["FS"] * 4  # Flagged and Seen
     entries = {e.address: (e.kind, e.job_id) for e in await under.suppression.entries()}
     assert entries == {
         "gmail@dest.example": ("hard_bounce", "job-0"),
@@ -156,7 +156,7 @@ async def test_a_bounce_arriving_while_it_idles_is_applied_at_once(
         await mailbox.wait_scans(1)
         await dovecot.append(bounces.postfix_dsn("job-late", "late@dest.example"))
         await until(lambda: bool(under.suppression.suppressed(["late@dest.example"])), 5)
-    await until(lambda: len(dovecot.messages(PROCESSED)) == 1)
+        await until(lambda: len(dovecot.messages(PROCESSED)) == 1)
 
 
 async def test_without_idle_or_move_it_polls_and_copies(
@@ -170,7 +170,7 @@ async def test_without_idle_or_move_it_polls_and_copies(
         await plain_dovecot.append(bounces.gmail_dsn("job-p", "p@dest.example"))
         await until(lambda: len(plain_dovecot.messages(PROCESSED)) == 1)
         await until(lambda: plain_dovecot.messages("INBOX") == [])
-    assert processed_flags(plain_dovecot) == [f"S {PROCESSED_KEYWORD}"]
+    assert processed_flags(plain_dovecot) == ["FS"]
 
 
 async def test_a_lost_server_is_retried_with_backoff_until_it_is_back(

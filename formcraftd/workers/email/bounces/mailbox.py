@@ -4,7 +4,7 @@ The daemon runs :meth:`BounceMailbox.run` as a supervised background task
 while `workers.email.bounces.imap_host` is set. It logs in, selects
 `imap_folder` and reads every message there it has not seen yet: a DSN or an
 ARF report that matches a job this host sent (see :mod:`.policy`) is applied,
-then flagged (``\\Seen`` and ``$FormCraftProcessed``) and moved to
+then flagged (``\\Seen`` and ``\\Flagged``) and moved to
 `imap_processed_folder`. Anything else — a reply from a person, an
 auto-reply, a report it cannot parse or match — is left exactly as it was (it
 is read with ``BODY.PEEK``, so not even ``\\Seen`` changes) and counted once.
@@ -23,7 +23,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aioimaplib
 
@@ -38,7 +38,7 @@ __all__ = ["BounceMailbox", "MailboxError", "read_report"]
 
 log = logging.getLogger("formcraftd.email.bounces")
 
-PROCESSED_KEYWORD = "$FormCraftProcessed"
+PROCESSED_FLAGS = "(\\Seen \\Flagged)"  # system flags: every server keeps them
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 300.0
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
@@ -92,6 +92,7 @@ class BounceMailbox:
         self.last_error: str | None = None
         self.scans = 0  # completed searches of the folder
         self._seen: set[tuple[int, int]] = set()  # (UIDVALIDITY, UID) left alone
+        self._applied: set[tuple[int, int]] = set()  # applied, not yet moved: not twice
         self._scanned = asyncio.Condition()
 
     @property
@@ -108,7 +109,7 @@ class BounceMailbox:
             try:
                 await self._session()
             except (OSError, TimeoutError, MailboxError, aioimaplib.AioImapException) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc or 'timed out'}"[:300]
+                self.last_error = f"{type(exc).__name__}: {str(exc) or 'timed out'}"[:300]
                 log.warning(
                     "bounce mailbox %s: %s; retrying in %g s", self.where, self.last_error, delay
                 )
@@ -182,7 +183,9 @@ class BounceMailbox:
     async def _idle(self, client: aioimaplib.IMAP4, lost: asyncio.Event) -> None:
         """Wait for the server to announce a change (at most `imap_idle_s`) or to go away."""
         timeout = self.config.imap_idle_s
-        idle = await client.idle_start(timeout=timeout)
+        idle = await asyncio.wait_for(
+            client.idle_start(timeout=timeout), self.config.imap_timeout_s
+        )
         push = asyncio.ensure_future(client.wait_server_push(timeout=timeout + 5))
         gone = asyncio.ensure_future(lost.wait())
         try:
@@ -200,7 +203,7 @@ class BounceMailbox:
 
     async def _scan(self, client: aioimaplib.IMAP4, uidvalidity: int) -> None:
         """Read and handle every message not seen yet."""
-        found = _check(await client.uid_search("UNDELETED", charset=None), "SEARCH")
+        found = await self._command(client.uid_search("UNDELETED", charset=None), "SEARCH")
         uids = [
             int(word)
             for line in found.lines[:-1]
@@ -217,7 +220,12 @@ class BounceMailbox:
 
     async def _handle(self, client: aioimaplib.IMAP4, uidvalidity: int, uid: int) -> None:
         limit = self.config.imap_max_message_bytes
-        fetched = _check(await client.uid("fetch", str(uid), f"(BODY.PEEK[]<0.{limit}>)"), "FETCH")
+        if (uidvalidity, uid) in self._applied:  # applied before the connection broke
+            await self._file(client, uid)
+            self._applied.discard((uidvalidity, uid))
+            return
+        fetch = client.uid("fetch", str(uid), f"(BODY.PEEK[]<0.{limit}>)")
+        fetched = await self._command(fetch, "FETCH")
         raw = next((bytes(x) for x in fetched.lines if isinstance(x, bytearray)), None)
         if raw is None:  # expunged meanwhile by someone else
             return
@@ -243,7 +251,9 @@ class BounceMailbox:
         if not applied:
             self._leave(uidvalidity, uid, "unmatched", "no job sent by this host matches it")
             return
+        self._applied.add((uidvalidity, uid))
         await self._file(client, uid)
+        self._applied.discard((uidvalidity, uid))
 
     def _leave(self, uidvalidity: int, uid: int, reason: str, why: str) -> None:
         self._counts.skip(reason)
@@ -256,13 +266,23 @@ class BounceMailbox:
 
     async def _file(self, client: aioimaplib.IMAP4, uid: int) -> None:
         """Flag a processed message and move it to the processed folder."""
-        flags = f"(\\Seen {PROCESSED_KEYWORD})"
-        _check(await client.uid("store", str(uid), "+FLAGS", flags), "STORE")
+        await self._command(client.uid("store", str(uid), "+FLAGS", PROCESSED_FLAGS), "STORE")
         target = _quoted(self.config.imap_processed_folder)
         if client.has_capability("MOVE"):
-            _check(await client.uid("move", str(uid), target), "MOVE")
+            await self._command(client.uid("move", str(uid), target), "MOVE")
             return
-        _check(await client.uid("copy", str(uid), target), "COPY")
-        _check(await client.uid("store", str(uid), "+FLAGS", "(\\Deleted)"), "STORE")
+        await self._command(client.uid("copy", str(uid), target), "COPY")
+        await self._command(client.uid("store", str(uid), "+FLAGS", "(\\Deleted)"), "STORE")
         if client.has_capability("UIDPLUS"):  # never a plain EXPUNGE: it would take others' mail
-            _check(await client.uid("expunge", str(uid)), "EXPUNGE")
+            await self._command(client.uid("expunge", str(uid)), "EXPUNGE")
+
+    async def _command(
+        self, call: Awaitable[aioimaplib.Response], what: str
+    ) -> aioimaplib.Response:
+        """Run an IMAP command under `imap_timeout_s` (not every command has its own)."""
+        timeout = self.config.imap_timeout_s
+        try:
+            response = await asyncio.wait_for(call, timeout)
+        except TimeoutError:
+            raise MailboxError(f"{what}: no answer within {timeout:g} s") from None
+        return _check(response, what)
