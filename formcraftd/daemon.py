@@ -20,7 +20,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aio_pika.abc import AbstractChannel
@@ -47,6 +47,9 @@ from formcraftd.ops.metrics import Metrics
 from formcraftd.ops.monitor import Monitor, QueueSample
 from formcraftd.ops.reload import Reloader
 from formcraftd.ops.reporting import AttemptLog
+
+if TYPE_CHECKING:
+    from formcraftd.workers.email.suppression import SuppressionList
 
 log = logging.getLogger("formcraftd.daemon")
 
@@ -139,7 +142,7 @@ class Daemon:
         self._admin_channel: AbstractChannel | None = None
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         self._bounces: BounceIntake | None = None  # the email worker's, when configured
-        self._suppression: Any = None  # the email worker's SuppressionList
+        self._suppression: SuppressionList | None = None  # the email worker's
 
     # --- signals ------------------------------------------------------------------
 
@@ -529,7 +532,7 @@ class Daemon:
             return None
         return {"connected": mailbox.connected, "last_error": mailbox.last_error}
 
-    def _suppression_list(self) -> Any:
+    def _suppression_list(self) -> SuppressionList:
         if self._suppression is None:
             raise Unavailable("the email worker is not running here; see `formcraftd suppression`")
         return self._suppression
@@ -539,7 +542,7 @@ class Daemon:
         return [dataclasses.asdict(entry) for entry in entries]
 
     async def suppression_remove(self, address: str) -> bool:
-        removed: bool = await self._suppression_list().remove(address)
+        removed = await self._suppression_list().remove(address)
         if removed:
             log.info("%s taken off the suppression list by the admin API", address.casefold())
         return removed

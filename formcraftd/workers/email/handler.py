@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from formcraftd.core.bounces import BounceIntake
-from formcraftd.core.config import EmailWorkerConfig
+from formcraftd.core.config import BouncesConfig, EmailWorkerConfig
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryCode, RetryLater
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import JobContext
@@ -207,6 +207,8 @@ class EmailHandler:
                 if self.bounces is not None or bounces.enabled:
                     log.warning("workers.email.bounces turned on or off; a restart applies it")
             else:
+                if _mailbox_settings(bounces) != _mailbox_settings(self.bounces.config):
+                    log.warning("workers.email.bounces.imap_* changed; a restart applies them")
                 self.bounces.reconfigure(bounces, config.return_path)
             self.pool.reconfigure(settings.smtp, settings.concurrency)
             self.render_threads.resize(settings.concurrency)
@@ -421,6 +423,11 @@ class EmailHandler:
             )
         except (SuppressionError, ValueError) as exc:
             log.error("could not suppress %s: %s", rcpt, exc)
+
+
+def _mailbox_settings(config: BouncesConfig) -> tuple[object, ...]:
+    """The bounce mailbox's settings: its reader is built at start."""
+    return tuple(getattr(config, f) for f in config.__struct_fields__ if f.startswith("imap_"))
 
 
 def _recipients(job: EmailJob) -> list[_Recipient]:
