@@ -328,7 +328,11 @@ class SuppressionList:
             expires_at=expires_at,
         )
         added = await self._call(add)
-        self._keys = await self._call(store.keys)
+        key = normalize_address(address)
+        if expires_at is None or (key in self._keys and self._keys[key] is None):
+            self._keys[key] = None  # as the store does: an expiry never shortens a permanent entry
+        else:
+            self._keys[key] = expires_at
         return added
 
     async def entries(self, kind: str | None = None) -> list[Suppressed]:
