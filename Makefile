@@ -1,6 +1,6 @@
 # formcraftd — set up, run and test. The machine needs python3 (3.11+); run as root
 # on Debian, `make run` and `make test` install rabbitmq-server (and, for the tests,
-# chromium) with apt-get when missing. Everything else is installed into .venv by
+# chromium and dovecot-imapd) with apt-get when missing. Everything else is installed into .venv by
 # `make venv`, from the lock files in requirements/ (exact versions, every file's sha256).
 #
 #   make run                     set up, start RabbitMQ if needed, run the daemon
@@ -49,7 +49,7 @@ LOWEST_TESTS ?= tests
 AMQP_UP = $(PYTHON) -c 'import socket, sys; s = socket.socket(); s.settimeout(1); \
 	sys.exit(s.connect_ex(("$(AMQP_HOST)", $(AMQP_PORT))) != 0)'
 
-.PHONY: venv lock lock-upgrade rabbitmq chromium run test test-worker test-lowest test-cluster bench lint \
+.PHONY: venv lock lock-upgrade rabbitmq chromium dovecot run test test-worker test-lowest test-cluster bench lint \
 	clean distclean
 .DEFAULT_GOAL := test
 
@@ -136,6 +136,16 @@ chromium:
 	  $(call APT_INSTALL,chromium,the status page test needs headless Chromium); \
 	fi
 
+# Dovecot is the real IMAP server of the bounce mailbox tests (tests/support/imap.py
+# starts its own, in the foreground, with a throwaway config; the package's own service
+# is not needed). Debian installs the binary as /usr/sbin/dovecot.
+dovecot:
+	@if command -v dovecot >/dev/null || [ -x /usr/sbin/dovecot ]; then \
+	  echo "dovecot: $$(command -v dovecot || echo /usr/sbin/dovecot)"; \
+	else \
+	  $(call APT_INSTALL,dovecot-imapd,the bounce mailbox tests need Dovecot's IMAP server); \
+	fi
+
 # In a terminal the log lines are readable ones (console), else JSON as shipped;
 # FORMCRAFTD_LOG_FORMAT set in the environment wins.
 run: venv rabbitmq
@@ -143,10 +153,10 @@ run: venv rabbitmq
 	  echo "$(BIN)/formcraftd run --config $(CONFIG)"; \
 	  exec $(BIN)/formcraftd run --config $(CONFIG)
 
-test: venv rabbitmq chromium
+test: venv rabbitmq chromium dovecot
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-worker: venv rabbitmq
+test-worker: venv rabbitmq $(if $(filter email,$(WORKER)),dovecot)
 	@case "$(WORKER)" in webhook|email|sheets) ;; \
 	  *) echo "usage: make test-worker WORKER=webhook|email|sheets" >&2; exit 2;; esac
 	$(BIN)/pytest -m $(WORKER) $(PYTEST_ARGS)
@@ -170,7 +180,7 @@ bench: $(BENCH_STAMP) rabbitmq
 # that pyproject.toml allows, runtime and dev alike: its lower bounds must be honest.
 # A scratch venv outside the tree; not part of `make test`; about 5 minutes.
 # Narrow it with LOWEST_TESTS="tests/core tests/amqp" or PYTEST_ARGS="-x".
-test-lowest: venv rabbitmq chromium
+test-lowest: venv rabbitmq chromium dovecot
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	@echo "test-lowest: resolving the lowest allowed versions into $(LOWEST_VENV)/requirements.txt"

@@ -28,7 +28,7 @@ from formcraftd.core import config, jobs
 from formcraftd.core.errors import BrokerUnreachable, ConfigError, FormcraftError, TopologyError
 from formcraftd.core.redaction import mask_url
 from formcraftd.ops import logs
-from formcraftd.workers.email import suppression
+from formcraftd.workers.email import suppression_cli
 
 if TYPE_CHECKING:
     from formcraftd.amqp.connection import Broker
@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     events_cmd.add_argument(
         "--count", type=int, default=None, metavar="N", help="stop after N events"
     )
-    suppression.add_cli(commands)
+    suppression_cli.add_cli(commands)
     return parser
 
 
@@ -442,7 +442,7 @@ async def _existing_events_exchange(
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
-    return suppression.run_cli(args, _load(args.config))
+    return suppression_cli.run_cli(args, _load(args.config))
 
 
 COMMANDS = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import importlib
 import logging
@@ -20,7 +21,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aio_pika.abc import AbstractChannel
@@ -32,6 +33,7 @@ from formcraftd.amqp.connection import Broker
 from formcraftd.amqp.consumer import Consumer
 from formcraftd.amqp.events import EventPublisher
 from formcraftd.amqp.topology import WorkerTopology, main_queue_hint, priority_warning
+from formcraftd.core.bounces import BackgroundReader, BounceIntake
 from formcraftd.core.breakers import BreakerRegistry, BreakerState
 from formcraftd.core.config import AnyWorkerConfig, Config, WorkerKind
 from formcraftd.core.errors import ConfigError
@@ -42,16 +44,20 @@ from formcraftd.core.text import utc_timestamp
 from formcraftd.core.tracing import NO_TRACER, Tracer
 from formcraftd.ops import logs, systemd
 from formcraftd.ops.endpoints import EndpointHealth
-from formcraftd.ops.http import UnknownQueue, build_app, start_server
+from formcraftd.ops.http import Unavailable, UnknownQueue, build_app, start_server
 from formcraftd.ops.metrics import Metrics
 from formcraftd.ops.monitor import Monitor, QueueSample
 from formcraftd.ops.reload import Reloader
 from formcraftd.ops.reporting import AttemptLog
 
+if TYPE_CHECKING:
+    from formcraftd.workers.email.suppression import SuppressionList
+
 log = logging.getLogger("formcraftd.daemon")
 
 USER_AGENT = f"formcraftd/{__version__}"
 EVENTS_DRAIN_S = 3.0
+MAILBOX_RESTART_S = 30.0
 
 # Each worker's handler class, imported only when the worker is enabled.
 HANDLERS: dict[WorkerKind, tuple[str, str]] = {
@@ -160,6 +166,8 @@ class Daemon:
         self._was_connected = False
         self._admin_channel: AbstractChannel | None = None
         self._closers: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        self._bounces: BounceIntake | None = None  # the email worker's, when configured
+        self._suppression: SuppressionList | None = None  # the email worker's
 
     # --- signals ------------------------------------------------------------------
 
@@ -217,6 +225,9 @@ class Daemon:
                     tg.create_task(self.monitor.run(), name="monitor"),
                     tg.create_task(self._reload_loop(), name="reload"),
                 ]
+                if self._bounces is not None and self._bounces.mailbox is not None:
+                    mailbox = self._bounces.mailbox
+                    helpers.append(tg.create_task(self._supervise(mailbox), name="bounces"))
                 events = tg.create_task(self.events.run(), name="events")
                 await self._should_exit.wait()
                 systemd.notify("STOPPING=1")
@@ -274,6 +285,12 @@ class Daemon:
         await self.broker.declare(topology)
         await handler.start()
         self._closers.append((f"{kind} handler", handler.aclose))
+        if kind == "email":
+            self._suppression = getattr(handler, "suppression", None)
+            intake = getattr(handler, "bounce_intake", None)
+            if isinstance(intake, BounceIntake):
+                self._bounces = intake
+                self.metrics.watch_bounces(intake.counts)
         prefetch = handler.prefetch(worker.concurrency)
         self.kinds[worker.queue] = kind
         consumer = self.consumers[worker.queue] = Consumer(
@@ -316,6 +333,16 @@ class Daemon:
         while True:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def _supervise(self, mailbox: BackgroundReader) -> None:
+        """The bounce mailbox reader; it retries its own failures, and a bug in it is
+        logged and restarted here, never taking the daemon (or the queues) down."""
+        while True:
+            try:
+                await mailbox.run()
+            except Exception:
+                log.exception("the bounce mailbox reader failed; restarting it")
+            await asyncio.sleep(MAILBOX_RESTART_S)
 
     async def _reload_loop(self) -> None:
         while True:
@@ -476,6 +503,7 @@ class Daemon:
             "queues": queues,
             "breakers": self.breakers.snapshot(),
             "endpoints": self.endpoints.snapshot(),
+            "bounce_mailbox": self._mailbox_status(),
             "alerts": self.monitor.snapshot(),
             "monitoring": self.monitor.describe(),
             "last_reload": self.reloader.last,
@@ -527,6 +555,35 @@ class Daemon:
         if reset:
             log.info("breaker %s reset by the admin API", key)
         return reset
+
+    # --- bounces and the suppression list ---------------------------------------------
+
+    def bounce_intake(self) -> BounceIntake | None:
+        """The email worker's bounce intake with the running config's settings."""
+        if self._bounces is None:
+            return None
+        return dataclasses.replace(self._bounces, config=self.config.workers.email.bounces)
+
+    def _mailbox_status(self) -> dict[str, Any] | None:
+        mailbox = self._bounces.mailbox if self._bounces is not None else None
+        if mailbox is None:
+            return None
+        return {"connected": mailbox.connected, "last_error": mailbox.last_error}
+
+    def _suppression_list(self) -> SuppressionList:
+        if self._suppression is None:
+            raise Unavailable("the email worker is not running here; see `formcraftd suppression`")
+        return self._suppression
+
+    async def suppression_entries(self, reason: str | None) -> list[dict[str, Any]]:
+        entries = await self._suppression_list().entries(reason)
+        return [dataclasses.asdict(entry) for entry in entries]
+
+    async def suppression_remove(self, address: str) -> bool:
+        removed = await self._suppression_list().remove(address)
+        if removed:
+            log.info("%s taken off the suppression list by the admin API", address.casefold())
+        return removed
 
 
 async def run_daemon(config: Config, *, config_path: str | None = None) -> None:

@@ -192,6 +192,59 @@ class WebhookWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown
     tls: tuple[WebhookTlsConfig, ...] = ()
 
 
+class BouncesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[workers.email.bounces]`: where bounces and complaints come from, and the policy.
+
+    The IMAP mailbox is read while `imap_host` is set; `/bounces/mailgun` answers
+    while `mailgun_signing_key` is set, `/bounces/postmark` while
+    `postmark_password` is. Sent jobs are remembered for `sent_memory_s` when
+    any of the three is on, so a later bounce can name its job.
+    """
+
+    imap_host: str = ""  # empty = no bounce mailbox
+    imap_port: Port = 993
+    imap_security: Literal["tls", "none"] = "tls"
+    imap_username: str = ""
+    imap_password: str = ""
+    imap_folder: str = "INBOX"
+    imap_processed_folder: str = "formcraftd-processed"
+    imap_poll_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # without IDLE
+    imap_idle_s: Annotated[float, msgspec.Meta(gt=0, le=1740)] = 600.0  # re-IDLE this often
+    imap_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    imap_max_message_bytes: PositiveInt = 1_048_576  # read at most this much of a message
+    mailgun_signing_key: str = ""
+    # older signed timestamps are refused (replays); tokens are remembered for an hour
+    mailgun_max_age_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 300
+    postmark_username: str = "postmark"
+    postmark_password: str = ""
+    soft_bounce_limit: PositiveInt = 3  # soft bounces of one address within the window ...
+    soft_bounce_window_s: PositiveInt = 604_800  # ... (7 days) that suppress it ...
+    soft_suppression_s: PositiveInt = 259_200  # ... for this long (3 days), then try again
+    sent_memory_s: PositiveInt = 1_209_600  # how long a sent job is remembered (14 days)
+
+    @property
+    def mailbox_enabled(self) -> bool:
+        return bool(self.imap_host)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any intake is on (and so sent jobs are remembered)."""
+        return bool(self.imap_host or self.mailgun_signing_key or self.postmark_password)
+
+    def __post_init__(self) -> None:
+        if self.imap_host and not self.imap_username:
+            raise ValueError("imap_username is required when imap_host is set")
+        if self.imap_host and self.imap_processed_folder == self.imap_folder:
+            raise ValueError("imap_processed_folder must differ from imap_folder")
+        for name in ("imap_folder", "imap_processed_folder"):
+            value = getattr(self, name)
+            if not value or _CONTROL_CHARS.search(value) or '"' in value or "\\" in value:
+                raise ValueError(f"{name} must be a plain mailbox name")
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class EmailWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
     queue: QueueName = "email_tasks"
     dead_letter_exchange: QueueName = "dlx.email"
@@ -211,6 +264,7 @@ class EmailWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_f
     state_dir: str = "./var"
     # RFC 8058 one-click unsubscribe: an https URL template ("" = no List-Unsubscribe)
     unsubscribe_url: str = ""
+    bounces: BouncesConfig = BouncesConfig()
 
 
 class SheetsWorkerConfig(_WorkerBase, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -282,6 +336,9 @@ _SECRET_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("http",), "admin_token"),
     (("logging",), "sentry_dsn"),
     (("workers", "email"), "smtp_password"),
+    (("workers", "email", "bounces"), "imap_password"),
+    (("workers", "email", "bounces"), "mailgun_signing_key"),
+    (("workers", "email", "bounces"), "postmark_password"),
     (("workers", "sheets"), "client_secret"),
 )
 
@@ -304,6 +361,9 @@ _ENV_KEYS: dict[str, tuple[tuple[str, ...], type]] = {
     "SHEETS_WORKER_CONCURRENCY": (("workers", "sheets", "concurrency"), int),
     "SMTP_PASSWORD": (("workers", "email", "smtp_password"), str),
     "WEBHOOK_PROXY_URL": (("workers", "webhook", "proxy_url"), str),
+    "BOUNCES_IMAP_PASSWORD": (("workers", "email", "bounces", "imap_password"), str),
+    "MAILGUN_SIGNING_KEY": (("workers", "email", "bounces", "mailgun_signing_key"), str),
+    "POSTMARK_WEBHOOK_PASSWORD": (("workers", "email", "bounces", "postmark_password"), str),
     "GOOGLE_CLIENT_ID": (("workers", "sheets", "client_id"), str),
     "GOOGLE_CLIENT_SECRET": (("workers", "sheets", "client_secret"), str),
     # Set by systemd for a unit with StateDirectory= (the shipped unit: /var/lib/formcraftd,

@@ -14,6 +14,7 @@ from typing import Literal
 
 import msgspec
 
+from formcraftd.core.bounces import BounceSource
 from formcraftd.core.config import WorkerKind
 from formcraftd.core.errors import AttemptErrorCode
 from formcraftd.core.redaction import redact
@@ -104,8 +105,48 @@ class EndpointGoneEvent(
     at: str
 
 
+class EmailBouncedEvent(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="event", tag="bounced"
+):
+    """A mail bounced (`email.bounced`): a DSN in the bounce mailbox or a provider's webhook.
+
+    `job_id`, `form_id` and `submission_id` are null when the bounce could not
+    be matched to a job this host sent (a provider webhook is applied anyway).
+    `bounce_type` is `hard` (suppressed at once) or `soft` (suppressed after
+    `soft_bounce_limit` in the window); `suppressed` says whether it is now.
+    """
+
+    kind: Literal["email"] = "email"
+    job_id: str | None
+    form_id: str | None
+    submission_id: str | None
+    recipient: str
+    bounce_type: Literal["hard", "soft"]
+    status: str | None = None
+    diagnostic: str | None = None
+    source: BounceSource
+    suppressed: bool
+    at: str
+
+
+class EmailComplainedEvent(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="event", tag="complained"
+):
+    """A recipient marked a mail as spam (`email.complained`); the address is suppressed."""
+
+    kind: Literal["email"] = "email"
+    job_id: str | None
+    form_id: str | None
+    submission_id: str | None
+    recipient: str
+    feedback: str | None = None
+    source: BounceSource
+    at: str
+
+
 EndpointEvent = EndpointFailingEvent | EndpointRecoveredEvent | EndpointGoneEvent
-Event = DeliveryEvent | TokenRefreshedEvent | EndpointEvent
+BounceEvent = EmailBouncedEvent | EmailComplainedEvent
+Event = DeliveryEvent | TokenRefreshedEvent | EndpointEvent | BounceEvent
 Emit = Callable[[Event], None]
 """Hands an event to the publisher; never blocks, never raises."""
 
@@ -127,6 +168,10 @@ def routing_key(event: Event) -> str:
         return f"{event.kind}.{event.outcome}"
     if isinstance(event, TokenRefreshedEvent):
         return "sheets.token_refreshed"
+    if isinstance(event, EmailBouncedEvent):
+        return "email.bounced"
+    if isinstance(event, EmailComplainedEvent):
+        return "email.complained"
     return f"{event.kind}.{_ENDPOINT_KEYS[type(event)]}"
 
 

@@ -17,12 +17,18 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from formcraftd.amqp.dead_letters import ReplayFilter, parse_when
+from formcraftd.core.bounces import BounceIntake
 from formcraftd.core.errors import FormcraftError
+from formcraftd.ops import bounce_webhooks
 from formcraftd.ops.metrics import CONTENT_TYPE
 
 
 class UnknownQueue(FormcraftError):
     """An admin request named a queue this daemon does not consume."""
+
+
+class Unavailable(FormcraftError):
+    """An admin request needs a part of the daemon that is not running (the email worker)."""
 
 
 class CannotListen(FormcraftError):
@@ -61,8 +67,21 @@ class Control(Protocol):
 
     def breaker_reset(self, key: str) -> bool: ...
 
+    def bounce_intake(self) -> BounceIntake | None:
+        """The bounce policy, its counts and current settings; None when bounces are off."""
+        ...
+
+    async def suppression_entries(self, reason: str | None) -> list[dict[str, Any]]:
+        """The suppression list (raise Unavailable without the email worker)."""
+        ...
+
+    async def suppression_remove(self, address: str) -> bool:
+        """Take an address off the list; raise ValueError for an invalid one."""
+        ...
+
 
 CONTROL_KEY = web.AppKey("control", Control)
+MAILGUN_KEY = web.AppKey("mailgun_verifier", bounce_webhooks.MailgunVerifier)
 PAGE_KEY = web.AppKey("status_page", bytes)
 MAX_PEEK = 1000
 
@@ -108,7 +127,7 @@ async def admin_auth(request: web.Request, handler: Any) -> web.StreamResponse:
             return web.json_response({"error": "wrong token"}, status=403)
         try:
             response: web.StreamResponse = await handler(request)
-        except UnknownQueue as exc:
+        except (UnknownQueue, Unavailable) as exc:
             return web.json_response({"error": str(exc)}, status=404)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -204,9 +223,69 @@ async def admin_breaker_reset(request: web.Request) -> web.Response:
     return web.json_response({"breaker": key, "state": "closed"})
 
 
+async def admin_suppression_list(request: web.Request) -> web.Response:
+    """The suppressed addresses in force; `reason` (hard_bounce, soft_bounce, complaint,
+    manual) selects one kind, `limit` caps the answer."""
+    reason = request.query.get("reason") or None
+    if reason is not None and reason not in SUPPRESSION_REASONS:
+        raise web.HTTPBadRequest(text=f"reason must be one of: {', '.join(SUPPRESSION_REASONS)}")
+    entries = await _control(request).suppression_entries(reason)
+    limit = _limit(request, None)
+    shown = entries if limit is None else entries[:limit]
+    return web.json_response({"count": len(entries), "entries": shown})
+
+
+async def admin_suppression_remove(request: web.Request) -> web.Response:
+    address = request.match_info["address"]
+    try:
+        removed = await _control(request).suppression_remove(address)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    if not removed:
+        return web.json_response({"error": "not on the suppression list"}, status=404)
+    return web.json_response({"address": address.strip().casefold(), "removed": True})
+
+
+SUPPRESSION_REASONS = ("hard_bounce", "soft_bounce", "complaint", "manual")
+
+
+def _intake(request: web.Request, configured: str) -> BounceIntake:
+    """The bounce intake when this provider's endpoint is configured; else 404."""
+    intake = _control(request).bounce_intake()
+    if intake is None or not getattr(intake.config, configured):
+        raise web.HTTPNotFound(text="this bounce webhook is not configured")
+    return intake
+
+
+async def bounces_mailgun(request: web.Request) -> web.Response:
+    intake = _intake(request, "mailgun_signing_key")
+    payload = await bounce_webhooks.read_json(request)
+    signature = payload.get("signature") if isinstance(payload, dict) else None
+    config = intake.config
+    why = request.app[MAILGUN_KEY].check(
+        config.mailgun_signing_key, signature, config.mailgun_max_age_s
+    )
+    if why is not None:
+        return bounce_webhooks.refuse(intake, "mailgun", why, request)
+    event = payload.get("event-data")
+    return await bounce_webhooks.take(intake, bounce_webhooks.mailgun_report(event))
+
+
+async def bounces_postmark(request: web.Request) -> web.Response:
+    intake = _intake(request, "postmark_password")
+    config = intake.config
+    if not bounce_webhooks.postmark_authorized(
+        request, config.postmark_username, config.postmark_password
+    ):
+        return bounce_webhooks.refuse(intake, "postmark", "wrong or missing credentials", request)
+    payload = await bounce_webhooks.read_json(request)
+    return await bounce_webhooks.take(intake, bounce_webhooks.postmark_report(payload))
+
+
 def build_app(control: Control) -> web.Application:
     app = web.Application(middlewares=[admin_auth])
     app[CONTROL_KEY] = control
+    app[MAILGUN_KEY] = bounce_webhooks.MailgunVerifier()
     app[PAGE_KEY] = resources.files("formcraftd.ops").joinpath("static/status.html").read_bytes()
     router = app.router
     router.add_get("/", status_page)
@@ -221,6 +300,10 @@ def build_app(control: Control) -> web.Application:
     router.add_get("/admin/dlq/{queue}", admin_dlq_peek)
     router.add_post("/admin/dlq/{queue}/replay", admin_dlq_replay)
     router.add_post("/admin/breakers/{key}/reset", admin_breaker_reset)
+    router.add_get("/admin/suppression", admin_suppression_list)
+    router.add_delete("/admin/suppression/{address}", admin_suppression_remove)
+    router.add_post("/bounces/mailgun", bounces_mailgun)
+    router.add_post("/bounces/postmark", bounces_postmark)
     return app
 
 

@@ -32,6 +32,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from formcraftd.core.bounces import BounceCounts
 from formcraftd.core.breakers import STATE_VALUES, BreakerState
 from formcraftd.core.ratelimits import DestinationLimits
 from formcraftd.core.stats import QueueStats
@@ -132,6 +133,37 @@ class _QueueCollector(Collector):
         )
 
 
+class _BounceCollector(Collector):
+    """Bounces and complaints applied, reports left alone, webhook requests refused."""
+
+    def __init__(self, counts: BounceCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        taken = CounterMetricFamily(
+            "formcraftd_bounces",
+            "Bounces and complaints applied to the suppression policy, by source and type.",
+            labels=["source", "type"],
+        )
+        for (source, kind), count in sorted(self._counts.taken.items()):
+            taken.add_metric([source, kind], count)
+        skipped = CounterMetricFamily(
+            "formcraftd_bounce_messages_skipped",
+            "Messages in the bounce mailbox left alone: unparsed (not a report) or unmatched.",
+            labels=["reason"],
+        )
+        for reason in ("unparsed", "unmatched"):
+            skipped.add_metric([reason], self._counts.skipped.get(reason, 0))
+        refused = CounterMetricFamily(
+            "formcraftd_bounce_webhooks_refused",
+            "Provider webhook requests refused (bad signature, stale or replayed, credentials).",
+            labels=["provider"],
+        )
+        for provider in ("mailgun", "postmark"):
+            refused.add_metric([provider], self._counts.refused.get(provider, 0))
+        yield from (taken, skipped, refused)
+
+
 class Metrics:
     """The metric families of one daemon."""
 
@@ -191,6 +223,10 @@ class Metrics:
         """Export `queue`'s counts, and its in-flight jobs, limit and throttled
         destinations read at scrape time."""
         self._queues[queue] = _WatchedQueue(stats, in_flight, concurrency, rate_limits)
+
+    def watch_bounces(self, counts: BounceCounts) -> None:
+        """Export what the bounce intake counted, read when `/metrics` is scraped."""
+        self.registry.register(_BounceCollector(counts))
 
     def breaker_changed(self, key: str, state: BreakerState) -> None:
         self.breaker_state.labels(key).set(STATE_VALUES[state])

@@ -207,6 +207,9 @@ def test_shipped_config_commented_keys_are_valid(tmp_path: Path) -> None:
             "workers.webhook.proxy_url",
             "http://u:p@proxy.internal:4750",
         ),
+        ("BOUNCES_IMAP_PASSWORD", "imap-pw", "workers.email.bounces.imap_password", "imap-pw"),
+        ("MAILGUN_SIGNING_KEY", "key-1", "workers.email.bounces.mailgun_signing_key", "key-1"),
+        ("POSTMARK_WEBHOOK_PASSWORD", "pm", "workers.email.bounces.postmark_password", "pm"),
         ("GOOGLE_CLIENT_ID", "cid.apps", "workers.sheets.client_id", "cid.apps"),
         ("GOOGLE_CLIENT_SECRET", "csecret", "workers.sheets.client_secret", "csecret"),
         ("STATE_DIRECTORY", "/var/lib/fcd", "workers.email.state_dir", "/var/lib/fcd"),
@@ -505,6 +508,9 @@ SECRETS = {
     "google": "googlesecret-abc",
     "sentry": "sentrykey-def",
     "alert": "alertpass-ghi",
+    "imap": "imappass-jkl",
+    "mailgun": "mailgunkey-mno",
+    "postmark": "postmarkpass-pqr",
 }
 
 
@@ -520,6 +526,9 @@ def secret_config(tmp_path: Path) -> Config:
             "SMTP_PASSWORD": SECRETS["smtp"],
             "GOOGLE_CLIENT_SECRET": SECRETS["google"],
             "GOOGLE_CLIENT_ID": "visible-client-id",
+            "BOUNCES_IMAP_PASSWORD": SECRETS["imap"],
+            "MAILGUN_SIGNING_KEY": SECRETS["mailgun"],
+            "POSTMARK_WEBHOOK_PASSWORD": SECRETS["postmark"],
         },
     )
 
@@ -534,6 +543,9 @@ def test_masked_hides_every_secret(tmp_path: Path) -> None:
     assert masked["logging"]["sentry_dsn"] == "***"
     assert masked["monitoring"]["alert_webhook_url"] == "https://ops:***@alerts.example/"
     assert masked["workers"]["sheets"]["client_id"] == "visible-client-id"
+    bounces = masked["workers"]["email"]["bounces"]
+    for key in ("imap_password", "mailgun_signing_key", "postmark_password"):
+        assert bounces[key] == "***", key
 
 
 def test_masked_output_never_contains_a_secret(tmp_path: Path) -> None:
@@ -588,3 +600,24 @@ def test_a_logging_config_file_is_checked_when_the_config_is_read(
     path.write_text('[logging]\nconfig_file = "logging.toml"\n')
     with pytest.raises(ConfigError, match=f"logging.config_file: .*{reason}"):
         config.load(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("imap_host = 'imap.example'\n", "imap_username is required"),
+        (
+            "imap_host = 'h'\nimap_username = 'u'\nimap_processed_folder = 'INBOX'\n",
+            "must differ from imap_folder",
+        ),
+        ("imap_folder = 'a\\nb'\n", "plain mailbox name"),
+        ("soft_bounce_limit = 0\n", "workers.email.bounces.soft_bounce_limit"),
+    ],
+)
+def test_bad_bounce_settings_are_refused_naming_the_key(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    """The [workers.email.bounces] table is validated like the rest of the file."""
+    message = config_error(tmp_path, "[workers.email.bounces]\n" + text)
+    assert fragment in message
+    assert "workers.email.bounces" in message

@@ -37,12 +37,15 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from formcraftd.core.config import EmailWorkerConfig
+from formcraftd.core.bounces import BounceIntake
+from formcraftd.core.config import BouncesConfig, EmailWorkerConfig
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryCode, RetryLater
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import EmailJob
 from formcraftd.workers.email import mime
+from formcraftd.workers.email.bounces import BounceLedger, BouncePolicy
+from formcraftd.workers.email.bounces.mailbox import BounceMailbox
 from formcraftd.workers.email.copies import (
     Copy,
     SentCopies,
@@ -158,15 +161,34 @@ class EmailHandler:
         self.render_threads = RenderThreads(config.concurrency)
         self.pool = SmtpPool(self._settings.smtp, config.concurrency, idle_timeout_s=idle_timeout_s)
         self.suppression = SuppressionList(config.state_dir)
+        # Bounces and complaints: on when a mailbox or a provider webhook is configured.
+        self.bounces: BouncePolicy | None = None
+        self.bounce_intake: BounceIntake | None = None
+        if config.bounces.enabled:
+            self.bounces = policy = BouncePolicy(
+                config.bounces,
+                return_path=config.return_path,
+                suppression=self.suppression,
+                ledger=BounceLedger(config.state_dir),
+                emit=emit,
+            )
+            mailbox = None
+            if config.bounces.mailbox_enabled:
+                mailbox = BounceMailbox(config.bounces, policy, policy.counts)
+            self.bounce_intake = BounceIntake(config.bounces, policy, policy.counts, mailbox)
 
     async def start(self) -> None:
-        """Open the suppression list and start the connection pool."""
+        """Open the suppression list (and the bounce ledger), start the connection pool."""
         await self.suppression.open()
+        if self.bounces is not None:
+            await self.bounces.ledger.open()
         await self.pool.start()
 
     async def aclose(self) -> None:
         """Close the pool, the suppression list, the render threads; log and go on on errors."""
-        closers = (("SMTP pool", self.pool.aclose), ("suppression list", self.suppression.aclose))
+        closers = [("SMTP pool", self.pool.aclose), ("suppression list", self.suppression.aclose)]
+        if self.bounces is not None:
+            closers.append(("bounce ledger", self.bounces.ledger.aclose))
         for name, close in closers:
             try:
                 await close()
@@ -189,9 +211,18 @@ class EmailHandler:
         settings = _Settings.from_config(config)
         renderer = TemplateRenderer(config.templates_dir, timeout_s=self._render_timeout_s)
 
+        bounces = config.bounces
+
         def apply() -> None:
             if settings.state_dir != self._settings.state_dir:
                 log.warning("workers.email.state_dir changed; a restart moves the suppression list")
+            if self.bounces is None or not bounces.enabled:
+                if self.bounces is not None or bounces.enabled:
+                    log.warning("workers.email.bounces turned on or off; a restart applies it")
+            else:
+                if _mailbox_settings(bounces) != _mailbox_settings(self.bounces.config):
+                    log.warning("workers.email.bounces.imap_* changed; a restart applies them")
+                self.bounces.reconfigure(bounces, config.return_path)
             self.pool.reconfigure(settings.smtp, settings.concurrency)
             self.render_threads.resize(settings.concurrency)
             self._settings, self._renderer = settings, renderer
@@ -235,6 +266,7 @@ class EmailHandler:
             ctx.attempt,
             extra={"queue": ctx.queue, "job_id": ctx.job_id},
         )
+        await self._remember(job, ctx, sent)
         await self._judge(job, ctx, recipients, sent)
 
     def _unsuppressed(self, recipients: list[_Recipient], ctx: JobContext) -> list[_Recipient]:
@@ -416,6 +448,18 @@ class EmailHandler:
                 "RECIPIENT_REJECTED", f"every copy was refused: {reason}", status=status
             )
 
+    async def _remember(self, job: EmailJob, ctx: JobContext, sent: SentCopies) -> None:
+        """Note the job in the bounce ledger, so that a later bounce can name it."""
+        if self.bounces is None or not sent.accepted:
+            return
+        metadata = job.metadata
+        try:
+            await self.bounces.record_sent(
+                ctx.job_id, metadata.form_id, metadata.submission_id, list(sent.accepted)
+            )
+        except SuppressionError as exc:
+            log.error("job %s: could not note it for bounces: %s", ctx.job_id, exc)
+
     async def _suppress(self, rcpt: str, code: int, text: str, ctx: JobContext) -> None:
         log.warning(
             "%s refused with %d (%s); adding it to the suppression list",
@@ -425,9 +469,21 @@ class EmailHandler:
             extra={"queue": ctx.queue, "job_id": ctx.job_id, "status": code},
         )
         try:
-            await self.suppression.add(rcpt, reason=f"{code} {text}", status=code, source="smtp")
+            await self.suppression.add(
+                rcpt,
+                reason=f"{code} {text}",
+                status=code,
+                source="smtp",
+                kind="hard_bounce",
+                job_id=ctx.job_id,
+            )
         except (SuppressionError, ValueError) as exc:
             log.error("could not suppress %s: %s", rcpt, exc)
+
+
+def _mailbox_settings(config: BouncesConfig) -> tuple[object, ...]:
+    """The bounce mailbox's settings: its reader is built at start."""
+    return tuple(getattr(config, f) for f in config.__struct_fields__ if f.startswith("imap_"))
 
 
 def _recipients(job: EmailJob) -> list[_Recipient]:

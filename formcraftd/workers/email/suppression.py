@@ -1,8 +1,12 @@
 """The suppression list: addresses that get no more mail, in SQLite under `state_dir`.
 
-An address lands here when an SMTP server refused it with a 5xx, or when an
-operator adds it (`formcraftd suppression add ADDRESS`); the email worker
-checks every recipient against it before each send. It is a plain SQLite file
+An address lands here when an SMTP server refused it with a 5xx, when a bounce
+or a complaint arrives (:mod:`.bounces`), or when an operator adds it
+(`formcraftd suppression add ADDRESS`); the email worker checks every recipient
+against it before each send. Each entry has a `kind` (why: ``hard_bounce``,
+``soft_bounce``, ``complaint`` or ``manual``), a `source` (``smtp``, ``imap``,
+``mailgun``, ``postmark``, ``cli``, ``admin``), the job that bounced if known,
+and an expiry for soft bounces: an expired entry no longer suppresses. It is a plain SQLite file
 (``<state_dir>/suppression.sqlite3``, WAL mode), so it survives restarts and the
 command line can change it while the daemon runs.
 
@@ -17,7 +21,6 @@ answers lookups from an in-memory copy that it keeps in step with the file.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -25,27 +28,24 @@ import datetime as dt
 import functools
 import logging
 import sqlite3
-import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
-import orjson
-
-from formcraftd.core.config import Config
 from formcraftd.core.errors import FormcraftError
 from formcraftd.workers.email.mime import HeaderRefused, address_key, parse_address
 
 __all__ = [
     "DB_NAME",
+    "KINDS",
     "Suppressed",
     "SuppressionError",
+    "SuppressionKind",
     "SuppressionList",
     "SuppressionStore",
-    "add_cli",
     "normalize_address",
-    "run_cli",
 ]
 
 log = logging.getLogger("formcraftd.email")
@@ -58,9 +58,24 @@ CREATE TABLE IF NOT EXISTS suppressed (
     reason   TEXT NOT NULL,
     status   INTEGER,
     source   TEXT NOT NULL,
-    added_at TEXT NOT NULL
+    added_at TEXT NOT NULL,
+    kind     TEXT NOT NULL DEFAULT 'manual',
+    job_id   TEXT,
+    expires_at TEXT
 ) WITHOUT ROWID
 """
+# Columns added after the first release, with how existing rows are filled in.
+_ADDED_COLUMNS = {
+    "kind": (
+        "ALTER TABLE suppressed ADD COLUMN kind TEXT NOT NULL DEFAULT 'manual'",
+        "UPDATE suppressed SET kind = 'hard_bounce' WHERE source = 'smtp'",
+    ),
+    "job_id": ("ALTER TABLE suppressed ADD COLUMN job_id TEXT",),
+    "expires_at": ("ALTER TABLE suppressed ADD COLUMN expires_at TEXT",),
+}
+_COLUMNS = "address, reason, status, source, added_at, kind, job_id, expires_at"
+SuppressionKind = Literal["hard_bounce", "soft_bounce", "complaint", "manual"]
+KINDS: tuple[str, ...] = get_args(SuppressionKind)
 _LOOKUP_CHUNK = 500  # well under SQLite's limit on bound parameters
 _MAX_REASON = 500
 
@@ -78,8 +93,19 @@ class Suppressed:
     address: str
     reason: str
     status: int | None  # the SMTP code that put it here, if any
-    source: str  # "smtp" or "cli"
+    source: str  # "smtp", "imap", "mailgun", "postmark", "cli" or "admin"
     added_at: str  # RFC 3339, UTC
+    kind: str = "manual"  # one of KINDS
+    job_id: str | None = None  # the job whose mail bounced, when known
+    expires_at: str | None = None  # RFC 3339, UTC; None = until removed
+
+
+def _iso(instant: float) -> str:
+    return dt.datetime.fromtimestamp(instant, dt.UTC).isoformat(timespec="seconds")
+
+
+def _epoch(iso: str | None) -> float | None:
+    return None if iso is None else dt.datetime.fromisoformat(iso).timestamp()
 
 
 def normalize_address(raw: str) -> str:
@@ -104,6 +130,7 @@ class SuppressionStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise SuppressionError(
                 f"{self.path}: cannot open the suppression list: {exc}"
@@ -116,28 +143,59 @@ class SuppressionStore:
     def close(self) -> None:
         self._db.close()
 
+    def _migrate(self) -> None:
+        """Add the columns a list made by an older release lacks."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(suppressed)")}
+        for column, statements in _ADDED_COLUMNS.items():
+            if column not in present:
+                for statement in statements:
+                    self._db.execute(statement)
+
     def suppressed(self, addresses: Iterable[str]) -> set[str]:
-        """Which of `addresses` (normalized keys) are on the list."""
+        """Which of `addresses` (normalized keys) are on the list now."""
         keys = list(dict.fromkeys(addresses))
         found: set[str] = set()
+        now = _iso(time.time())
         for start in range(0, len(keys), _LOOKUP_CHUNK):
             chunk = keys[start : start + _LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
-            rows = self._run(f"SELECT address FROM suppressed WHERE address IN ({marks})", chunk)
+            rows = self._run(
+                f"SELECT address FROM suppressed WHERE address IN ({marks})"
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                [*chunk, now],
+            )
             found.update(row[0] for row in rows)
         return found
 
-    def add(self, address: str, *, reason: str, status: int | None = None, source: str) -> bool:
-        """Put `address` on the list; False if it was already there (its reason is updated)."""
+    def add(
+        self,
+        address: str,
+        *,
+        reason: str,
+        status: int | None = None,
+        source: str,
+        kind: SuppressionKind = "manual",
+        job_id: str | None = None,
+        expires_at: float | None = None,
+    ) -> bool:
+        """Put `address` on the list; False if it was already there (the entry is updated).
+
+        An entry that expires (`expires_at`, unix time: a soft bounce) never
+        replaces one that does not: a later soft bounce cannot shorten a hard one.
+        """
         key = normalize_address(address)
-        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        now = _iso(time.time())
         reason = " ".join(reason.split())[:_MAX_REASON]
-        existed = bool(self._run("SELECT 1 FROM suppressed WHERE address = ?", (key,)))
+        existed = bool(self.suppressed([key]))
+        expires = None if expires_at is None else _iso(expires_at)
         self._run(
-            "INSERT INTO suppressed (address, reason, status, source, added_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET"
-            " reason = excluded.reason, status = excluded.status, source = excluded.source",
-            (key, reason, status, source, now),
+            f"INSERT INTO suppressed ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(address) DO UPDATE SET reason = excluded.reason,"
+            " status = excluded.status, source = excluded.source, kind = excluded.kind,"
+            " job_id = excluded.job_id, expires_at = excluded.expires_at,"
+            " added_at = excluded.added_at"
+            " WHERE excluded.expires_at IS NULL OR suppressed.expires_at IS NOT NULL",
+            (key, reason, status, source, now, kind, job_id, expires),
         )
         return not existed
 
@@ -148,17 +206,33 @@ class SuppressionStore:
         self._run("DELETE FROM suppressed WHERE address = ?", (key,))
         return existed
 
-    def keys(self) -> set[str]:
-        """Every address on the list."""
-        return {row[0] for row in self._run("SELECT address FROM suppressed")}
+    def keys(self) -> dict[str, float | None]:
+        """Every address on the list now, with when it stops being suppressed (None: never)."""
+        rows = self._run(
+            "SELECT address, expires_at FROM suppressed WHERE expires_at IS NULL OR expires_at > ?",
+            (_iso(time.time()),),
+        )
+        return {address: _epoch(expires) for address, expires in rows}
+
+    def prune(self) -> int:
+        """Delete the entries that expired; how many."""
+        before = self._db.total_changes
+        self._run("DELETE FROM suppressed WHERE expires_at <= ?", (_iso(time.time()),))
+        return self._db.total_changes - before
 
     def data_version(self) -> int:
         """Changes when another connection (the command line, another daemon) commits."""
         return int(self._run("PRAGMA data_version")[0][0])
 
-    def entries(self) -> list[Suppressed]:
+    def entries(self, kind: str | None = None) -> list[Suppressed]:
+        """The entries in force, oldest first; only those of `kind` if given."""
+        where = "(expires_at IS NULL OR expires_at > ?)"
+        params: list[Any] = [_iso(time.time())]
+        if kind is not None:
+            where += " AND kind = ?"
+            params.append(kind)
         rows = self._run(
-            "SELECT address, reason, status, source, added_at FROM suppressed ORDER BY added_at"
+            f"SELECT {_COLUMNS} FROM suppressed WHERE {where} ORDER BY added_at, address", params
         )
         return [Suppressed(*row) for row in rows]
 
@@ -184,7 +258,7 @@ class SuppressionList:
         self.refresh_s = refresh_s
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._store: SuppressionStore | None = None
-        self._keys: set[str] = set()
+        self._keys: dict[str, float | None] = {}
         self._version = 0
         self._refresher: asyncio.Task[None] | None = None
 
@@ -197,6 +271,7 @@ class SuppressionList:
         )
         try:
             self._store = store = await self._call(SuppressionStore, self.path)
+            await self._call(store.prune)
             self._version = await self._call(store.data_version)
             self._keys = await self._call(store.keys)
         except BaseException:
@@ -218,20 +293,54 @@ class SuppressionList:
             executor.shutdown(wait=False)
 
     def suppressed(self, keys: Iterable[str]) -> set[str]:
-        """Which of the normalized `keys` are on the list."""
-        return {key for key in keys if key in self._keys}
+        """Which of the normalized `keys` are on the list now."""
+        now = time.time()
+        found = set()
+        for key in keys:
+            if key in self._keys:
+                expires = self._keys[key]
+                if expires is None or expires > now:
+                    found.add(key)
+        return found
 
-    async def add(self, address: str, *, reason: str, status: int | None, source: str) -> bool:
+    async def add(
+        self,
+        address: str,
+        *,
+        reason: str,
+        status: int | None,
+        source: str,
+        kind: SuppressionKind = "manual",
+        job_id: str | None = None,
+        expires_at: float | None = None,
+    ) -> bool:
+        """Put `address` on the list (see :meth:`SuppressionStore.add`)."""
         store = self._opened()
-        added = await self._call(
-            functools.partial(store.add, address, reason=reason, status=status, source=source)
+        add = functools.partial(
+            store.add,
+            address,
+            reason=reason,
+            status=status,
+            source=source,
+            kind=kind,
+            job_id=job_id,
+            expires_at=expires_at,
         )
-        self._keys.add(normalize_address(address))
+        added = await self._call(add)
+        key = normalize_address(address)
+        if expires_at is None or (key in self._keys and self._keys[key] is None):
+            self._keys[key] = None  # as the store does: an expiry never shortens a permanent entry
+        else:
+            self._keys[key] = expires_at
         return added
+
+    async def entries(self, kind: str | None = None) -> list[Suppressed]:
+        """The entries in force (for the admin API)."""
+        return await self._call(self._opened().entries, kind)
 
     async def remove(self, address: str) -> bool:
         removed = await self._call(self._opened().remove, address)
-        self._keys.discard(normalize_address(address))
+        self._keys.pop(normalize_address(address), None)
         return removed
 
     async def _refresh(self) -> None:
@@ -256,80 +365,3 @@ class SuppressionList:
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(func, *args))
-
-
-# --- `formcraftd suppression list|add|remove` ------------------------------------------
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `suppression list|add|remove` on the command line's subparsers."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "suppression", help="list, add or remove addresses that get no email"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        default=None,
-        help="config file (default: $FORMCRAFTD_CONFIG, else ./config.toml)",
-    )
-    actions = parser.add_subparsers(dest="suppression_action", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="print the suppressed addresses")
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    add = actions.add_parser("add", help="suppress an address")
-    add.add_argument("address", metavar="ADDRESS")
-    add.add_argument("--reason", default="added by an operator", help="why (kept with it)")
-    remove = actions.add_parser("remove", help="let an address get email again")
-    remove.add_argument("address", metavar="ADDRESS")
-    for action in (listing, add, remove):  # `--config` after the action works too
-        action.add_argument(
-            "--config", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-        )
-    return parser
-
-
-def run_cli(args: argparse.Namespace, config: Config) -> int:
-    """Run one `suppression` action; 0 when done, 1 for bad input or an unusable list."""
-    try:
-        store = SuppressionStore.in_dir(config.workers.email.state_dir)
-    except SuppressionError as exc:
-        return _fail(str(exc))
-    try:
-        return _run_action(args, store)
-    except ValueError as exc:
-        return _fail(str(exc))
-    except SuppressionError as exc:
-        return _fail(str(exc))
-    finally:
-        store.close()
-
-
-def _run_action(args: argparse.Namespace, store: SuppressionStore) -> int:
-    action = args.suppression_action
-    if action == "list":
-        listed = 0
-        for entry in store.entries():
-            listed += 1
-            if args.json:
-                line = orjson.dumps(entry).decode()
-            else:
-                status = "" if entry.status is None else str(entry.status)
-                line = "\t".join(
-                    (entry.address, entry.added_at, status, entry.source, entry.reason)
-                )
-            sys.stdout.write(line + "\n")
-        if not listed:  # on stderr: stdout stays one address per line, for scripts
-            print(f"no suppressed addresses in {store.path}", file=sys.stderr)
-        return 0
-    if action == "add":
-        added = store.add(args.address, reason=args.reason, status=None, source="cli")
-        print(f"{normalize_address(args.address)} {'added' if added else 'was already suppressed'}")
-        return 0
-    if store.remove(args.address):
-        print(f"{normalize_address(args.address)} removed")
-        return 0
-    return _fail(f"{normalize_address(args.address)} is not on the suppression list")
-
-
-def _fail(message: str) -> int:
-    print(f"formcraftd: {message}", file=sys.stderr)
-    return 1

@@ -11,6 +11,7 @@ import pytest
 
 from formcraftd.workers.email.handler import EmailHandler
 from tests.support import Names, make_config
+from tests.support.bounces import MakePolicy, policy_factory
 from tests.support.smtp import HandlerFactory, SmtpFactory, SmtpServer, running_servers
 
 
@@ -34,7 +35,9 @@ async def make_handler(tmp_path: Path) -> AsyncIterator[HandlerFactory]:
 
     async def make(server: SmtpServer | None, /, **settings: Any) -> EmailHandler:
         options = {
-            k: settings.pop(k) for k in ("idle_timeout_s", "render_timeout_s") if k in settings
+            k: settings.pop(k)
+            for k in ("idle_timeout_s", "render_timeout_s", "emit")
+            if k in settings
         }
         section = {
             "enabled": True,
@@ -69,3 +72,10 @@ def alerts() -> Iterator[list[logging.LogRecord]]:
     logger.addHandler(collector)
     yield records
     logger.removeHandler(collector)
+
+
+@pytest.fixture
+async def make_policy(tmp_path: Path) -> AsyncIterator[MakePolicy]:
+    """Opened BouncePolicies over `tmp_path/var` (settings as keyword arguments); closed after."""
+    async with policy_factory(tmp_path / "var") as make:
+        yield make

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from formcraftd.workers.email import suppression
+from formcraftd.workers.email import suppression, suppression_cli
 from formcraftd.workers.email.suppression import SuppressionStore
 from tests.support import Names, make_config
 from tests.support.smtp import HandlerFactory, SmtpServer, email_job, fails_with, job_context
@@ -74,10 +75,10 @@ def test_the_suppression_store_survives_reopening(tmp_path: Path) -> None:
 
 def run_suppression_cli(tmp_path: Path, *argv: str) -> int:
     parser = argparse.ArgumentParser(prog="formcraftd")
-    suppression.add_cli(parser.add_subparsers(dest="command"))
+    suppression_cli.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["suppression", *argv])
     cfg = make_config(Names(), email={"state_dir": str(tmp_path)})
-    return suppression.run_cli(args, cfg)
+    return suppression_cli.run_cli(args, cfg)
 
 
 def test_the_command_line_adds_lists_and_removes_addresses(
@@ -114,3 +115,86 @@ def test_the_command_line_refuses_bad_input_with_exit_1(
     assert run_suppression_cli(tmp_path, *argv) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("formcraftd: ")
+
+
+@pytest.mark.parametrize(
+    "argv", [("list", "--reason", "complaint"), ("list", "--json", "--reason", "complaint")]
+)
+def test_the_command_line_lists_only_the_reason_asked_for(
+    argv: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`suppression list --reason complaint` shows complaints, not hard bounces."""
+    store = SuppressionStore.in_dir(tmp_path)
+    store.add("hard@example.com", reason="550", source="imap", kind="hard_bounce", job_id="j1")
+    store.add("angry@example.com", reason="abuse", source="mailgun", kind="complaint", job_id="j2")
+    store.close()
+    assert run_suppression_cli(tmp_path, *argv) == 0
+    out = capsys.readouterr().out
+    assert "angry@example.com" in out
+    assert "hard@example.com" not in out
+    assert "j2" in out
+
+
+# --- kinds, expiry, the file of an older release --------------------------------------------------
+
+
+def test_a_soft_suppression_ends_at_its_expiry(tmp_path: Path) -> None:
+    """An entry with an expiry suppresses until then, and no longer."""
+    store = SuppressionStore.in_dir(tmp_path)
+    store.add(
+        "soft@example.com",
+        reason="452",
+        source="imap",
+        kind="soft_bounce",
+        expires_at=time.time() + 60,
+    )
+    store.add(
+        "gone@example.com",
+        reason="452",
+        source="imap",
+        kind="soft_bounce",
+        expires_at=time.time() - 1,
+    )
+    assert store.suppressed(["soft@example.com", "gone@example.com"]) == {"soft@example.com"}
+    assert set(store.keys()) == {"soft@example.com"}
+    assert [e.address for e in store.entries()] == ["soft@example.com"]
+    assert store.prune() == 1
+    store.close()
+
+
+def test_a_soft_bounce_never_shortens_a_permanent_suppression(tmp_path: Path) -> None:
+    """A hard bounce stays permanent when a soft bounce for the same address follows."""
+    store = SuppressionStore.in_dir(tmp_path)
+    store.add("x@example.com", reason="550", source="imap", kind="hard_bounce", job_id="j1")
+    store.add(
+        "x@example.com", reason="452", source="imap", kind="soft_bounce", expires_at=time.time() + 1
+    )
+    [entry] = store.entries()
+    assert (entry.kind, entry.expires_at, entry.job_id) == ("hard_bounce", None, "j1")
+    store.add("x@example.com", reason="abuse", source="postmark", kind="complaint")
+    assert store.entries()[0].kind == "complaint"
+    store.close()
+
+
+def test_a_list_made_by_an_older_release_gains_the_new_columns(tmp_path: Path) -> None:
+    """The first release's table is migrated: SMTP refusals become hard bounces, the rest manual."""
+    db = sqlite3.connect(tmp_path / suppression.DB_NAME)
+    db.execute(
+        "CREATE TABLE suppressed (address TEXT PRIMARY KEY, reason TEXT NOT NULL,"
+        " status INTEGER, source TEXT NOT NULL, added_at TEXT NOT NULL) WITHOUT ROWID"
+    )
+    db.executemany(
+        "INSERT INTO suppressed VALUES (?, ?, ?, ?, ?)",
+        [
+            ("a@example.com", "550 no", 550, "smtp", "2026-01-01T00:00:00+00:00"),
+            ("b@example.com", "asked", None, "cli", "2026-01-02T00:00:00+00:00"),
+        ],
+    )
+    db.commit()
+    db.close()
+    store = SuppressionStore.in_dir(tmp_path)
+    assert [(e.address, e.kind) for e in store.entries()] == [
+        ("a@example.com", "hard_bounce"),
+        ("b@example.com", "manual"),
+    ]
+    store.close()
