@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import importlib
 import logging
@@ -28,11 +27,11 @@ from aio_pika.abc import AbstractChannel
 from aiohttp import web
 
 from formcraftd import __version__
-from formcraftd.amqp import dead_letters
+from formcraftd.admin import AdminOperations
 from formcraftd.amqp.connection import Broker
 from formcraftd.amqp.consumer import Consumer
 from formcraftd.amqp.events import EventPublisher
-from formcraftd.amqp.topology import WorkerTopology, main_queue_hint, priority_warning
+from formcraftd.amqp.topology import WorkerTopology, priority_warning
 from formcraftd.core.bounces import BackgroundReader, BounceIntake
 from formcraftd.core.breakers import BreakerRegistry, BreakerState
 from formcraftd.core.config import AnyWorkerConfig, Config, WorkerKind
@@ -44,7 +43,7 @@ from formcraftd.core.text import utc_timestamp
 from formcraftd.core.tracing import NO_TRACER, Tracer
 from formcraftd.ops import logs, systemd
 from formcraftd.ops.endpoints import EndpointHealth
-from formcraftd.ops.http import Unavailable, UnknownQueue, build_app, start_server
+from formcraftd.ops.http import build_app, start_server
 from formcraftd.ops.metrics import Metrics
 from formcraftd.ops.monitor import Monitor, QueueSample
 from formcraftd.ops.reload import Reloader
@@ -131,7 +130,7 @@ def _timestamp(instant: float | None) -> str | None:
     return utc_timestamp(instant) if instant is not None else None
 
 
-class Daemon:
+class Daemon(AdminOperations):
     """One formcraftd process."""
 
     def __init__(
@@ -508,82 +507,6 @@ class Daemon:
             "monitoring": self.monitor.describe(),
             "last_reload": self.reloader.last,
         }
-
-    # --- admin operations -------------------------------------------------------------
-
-    def _consumer(self, queue: str) -> Consumer:
-        consumer = self.consumers.get(queue)
-        if consumer is None:
-            hint = main_queue_hint(queue, self.consumers)
-            raise UnknownQueue(f"no consumer for queue {queue!r}{hint}")
-        return consumer
-
-    async def pause(self, queue: str) -> dict[str, Any]:
-        consumer = self._consumer(queue)
-        await consumer.pause()
-        log.info("paused %s", queue)
-        return {"queue": queue, "state": consumer.state}
-
-    async def resume(self, queue: str) -> dict[str, Any]:
-        consumer = self._consumer(queue)
-        await consumer.resume()
-        log.info("resumed %s", queue)
-        return {"queue": queue, "state": consumer.state}
-
-    async def dlq_peek(self, queue: str, limit: int) -> list[dict[str, Any]]:
-        self._consumer(queue)
-        return await dead_letters.peek(await self.monitor_channel(), queue, limit)
-
-    async def dlq_replay(
-        self,
-        queue: str,
-        limit: int | None,
-        *,
-        only: dead_letters.ReplayFilter | None = None,
-        dry_run: bool = False,
-    ) -> dict[str, Any]:
-        self._consumer(queue)
-        result = await dead_letters.replay(
-            await self.monitor_channel(), queue, limit, only=only, dry_run=dry_run
-        )
-        if not dry_run:
-            log.info("replayed %d dead letters of %s", result.replayed, queue)
-        return result.as_json(queue)
-
-    def breaker_reset(self, key: str) -> bool:
-        reset = self.breakers.reset(key)
-        if reset:
-            log.info("breaker %s reset by the admin API", key)
-        return reset
-
-    # --- bounces and the suppression list ---------------------------------------------
-
-    def bounce_intake(self) -> BounceIntake | None:
-        """The email worker's bounce intake with the running config's settings."""
-        if self._bounces is None:
-            return None
-        return dataclasses.replace(self._bounces, config=self.config.workers.email.bounces)
-
-    def _mailbox_status(self) -> dict[str, Any] | None:
-        mailbox = self._bounces.mailbox if self._bounces is not None else None
-        if mailbox is None:
-            return None
-        return {"connected": mailbox.connected, "last_error": mailbox.last_error}
-
-    def _suppression_list(self) -> SuppressionList:
-        if self._suppression is None:
-            raise Unavailable("the email worker is not running here; see `formcraftd suppression`")
-        return self._suppression
-
-    async def suppression_entries(self, reason: str | None) -> list[dict[str, Any]]:
-        entries = await self._suppression_list().entries(reason)
-        return [dataclasses.asdict(entry) for entry in entries]
-
-    async def suppression_remove(self, address: str) -> bool:
-        removed = await self._suppression_list().remove(address)
-        if removed:
-            log.info("%s taken off the suppression list by the admin API", address.casefold())
-        return removed
 
 
 async def run_daemon(config: Config, *, config_path: str | None = None) -> None:

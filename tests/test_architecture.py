@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The console script of the environment running the tests (.venv, or the lowest-versions venv).
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
-LAYERS = "Layers: cli > daemon > ops > amqp | workers > core"
+LAYERS = "Layers: cli > daemon > admin > ops > amqp | workers > core"
 WORKERS_INDEPENDENT = "The workers are independent of each other"
 WORKERS_NO_AMQP = "Workers know no AMQP"
 CORE_NO_IO = "The core does no I/O of AMQP or HTTP"
