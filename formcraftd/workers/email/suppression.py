@@ -119,22 +119,42 @@ def normalize_address(raw: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def open_state_db(
+    path: Path, what: str, create: Callable[[sqlite3.Connection], None]
+) -> sqlite3.Connection:
+    """One of the email worker's SQLite files, opened (and made, with `create`).
+
+    Autocommit (each store opens its own transactions) and WAL, so that the
+    daemon and the command line, or several daemons on one host, can share the
+    file. A failure is a :class:`SuppressionError` naming `what`.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=5.0, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        create(db)
+    except (OSError, sqlite3.Error) as exc:
+        raise SuppressionError(f"{path}: cannot open {what}: {exc}") from None
+    return db
+
+
+def _create(db: sqlite3.Connection) -> None:
+    """The table, and the columns a list made by an older release lacks."""
+    db.execute(_SCHEMA)
+    present = {row[1] for row in db.execute("PRAGMA table_info(suppressed)")}
+    for column, statements in _ADDED_COLUMNS.items():
+        if column not in present:
+            for statement in statements:
+                db.execute(statement)
+
+
 class SuppressionStore:
     """The list itself, synchronous: one SQLite connection, used from one thread."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
-            self._migrate()
-        except (OSError, sqlite3.Error) as exc:
-            raise SuppressionError(
-                f"{self.path}: cannot open the suppression list: {exc}"
-            ) from None
+        self._db = open_state_db(self.path, "the suppression list", _create)
 
     @classmethod
     def in_dir(cls, state_dir: str | Path) -> SuppressionStore:
@@ -142,14 +162,6 @@ class SuppressionStore:
 
     def close(self) -> None:
         self._db.close()
-
-    def _migrate(self) -> None:
-        """Add the columns a list made by an older release lacks."""
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(suppressed)")}
-        for column, statements in _ADDED_COLUMNS.items():
-            if column not in present:
-                for statement in statements:
-                    self._db.execute(statement)
 
     def suppressed(self, addresses: Iterable[str]) -> set[str]:
         """Which of `addresses` (normalized keys) are on the list now."""

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from formcraftd.workers.email.suppression import SuppressionError
+from formcraftd.workers.email.suppression import SuppressionError, open_state_db
 
 __all__ = ["DB_NAME", "BounceLedger", "LedgerStore", "SentJob"]
 
@@ -58,20 +58,17 @@ class SentJob:
     recipients: frozenset[str]  # suppression-list keys of the accepted recipients
 
 
+def _create(db: sqlite3.Connection) -> None:
+    for statement in _SCHEMA:
+        db.execute(statement)
+
+
 class LedgerStore:
     """The ledger, synchronous: one SQLite connection, used from one thread."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            for statement in _SCHEMA:
-                self._db.execute(statement)
-        except (OSError, sqlite3.Error) as exc:
-            raise SuppressionError(f"{self.path}: cannot open the bounce ledger: {exc}") from None
+        self._db = open_state_db(self.path, "the bounce ledger", _create)
 
     def close(self) -> None:
         self._db.close()
