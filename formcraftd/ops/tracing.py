@@ -125,6 +125,12 @@ def _error_type(exc: BaseException) -> str:
     return exc.code if isinstance(exc, JobFailure) else type(exc).__qualname__
 
 
+def _failed(span: Span, error_type: str) -> None:
+    """Mark `span` failed, with the job's error code (or the exception's name) as error.type."""
+    span.set_attribute("error.type", error_type)
+    span.set_status(Status(StatusCode.ERROR))
+
+
 class _ClientSpan:
     __slots__ = ("_span",)
 
@@ -148,8 +154,7 @@ class _ClientSpan:
         self._span.set_attribute(key, value)
 
     def failed(self, error_type: str) -> None:
-        self._span.set_attribute("error.type", error_type)
-        self._span.set_status(Status(StatusCode.ERROR))
+        _failed(self._span, error_type)
 
 
 class _AttemptSpan:
@@ -176,8 +181,7 @@ class _AttemptSpan:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:
-            self._span.set_attribute("error.type", _error_type(exc))
-            self._span.set_status(Status(StatusCode.ERROR))
+            _failed(self._span, _error_type(exc))
         self._span.end()
 
     def client(
