@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +29,12 @@ from webhook_throughput import (
     Features,
     Receiver,
     Stage,
+    Tally,
     bare_command,
     cpu_seconds,
     free_port,
     publish_jobs,
+    rotations,
     run_and_report,
     start_process,
     stop_process,
@@ -99,29 +100,14 @@ async def one_round(case: Case, receiver: Receiver, jobs: int, concurrency: int)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    rates: dict[str, list[float]] = {case.name: [] for case in CASES}
-    cpu: dict[str, list[float]] = {case.name: [] for case in CASES}
+    tally = Tally((case.name for case in CASES), width=18)
     async with Receiver() as receiver:
-        for number in range(args.rounds):
-            order = CASES[number % len(CASES) :] + CASES[: number % len(CASES)]
+        for number, order in enumerate(rotations(CASES, args.rounds), start=1):
             for case in order:
-                result = await one_round(case, receiver, args.jobs, args.concurrency)
-                rates[case.name].append(result.rate)
-                cpu[case.name].append(result.cpu_us_per_job)
-                print(
-                    f"  round {number + 1}: {case.name:18} {result.rate:8.0f} jobs/s "
-                    f"{result.cpu_us_per_job:6.0f} us CPU/job",
-                    flush=True,
+                tally.add(
+                    number, case.name, await one_round(case, receiver, args.jobs, args.concurrency)
                 )
-    return {
-        "jobs": args.jobs,
-        "concurrency": args.concurrency,
-        "rounds": args.rounds,
-        "rates": rates,
-        "cpu_us_per_job": cpu,
-        "medians": {name: statistics.median(values) for name, values in rates.items()},
-        "cpu_medians": {name: statistics.median(values) for name, values in cpu.items()},
-    }
+    return tally.result(args)
 
 
 def report(result: dict[str, Any]) -> None:

@@ -47,10 +47,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aio_pika
 import aiohttp
@@ -64,6 +64,8 @@ sys.path.insert(0, str(ROOT))
 from formcraftd.amqp.connection import Broker  # noqa: E402
 from formcraftd.amqp.topology import WorkerTopology  # noqa: E402
 from formcraftd.core import config  # noqa: E402
+
+T = TypeVar("T")
 
 AMQP_URL = os.environ.get("FORMCRAFTD_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SECRET = "whsec_YmVuY2htYXJrLXNlY3JldA=="
@@ -596,11 +598,41 @@ CONTENDERS = {
 }
 
 
-def rotations(names: list[Contender], rounds: int) -> Iterator[list[Contender]]:
+def rotations(names: Sequence[T], rounds: int) -> Iterator[list[T]]:
     """Round r runs the contenders rotated by r: each one takes every position in turn."""
     for r in range(rounds):
         shift = r % len(names)
-        yield names[shift:] + names[:shift]
+        yield [*names[shift:], *names[:shift]]
+
+
+class Tally:
+    """Each contender's rate and CPU per job, round after round, printed as they come."""
+
+    def __init__(self, names: Iterable[str], width: int = 24) -> None:
+        self.rates: dict[str, list[float]] = {name: [] for name in names}
+        self.cpu: dict[str, list[float]] = {name: [] for name in self.rates}
+        self._width = width
+
+    def add(self, number: int, name: str, drain: Drain) -> None:
+        self.rates[name].append(drain.rate)
+        self.cpu[name].append(drain.cpu_us_per_job)
+        print(
+            f"  round {number}: {name:{self._width}} {drain.rate:8.0f} jobs/s "
+            f"{drain.cpu_us_per_job:6.0f} us CPU/job",
+            flush=True,
+        )
+
+    def result(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The run's figures: every round's, and the medians."""
+        return {
+            "jobs": args.jobs,
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+            "rates": self.rates,
+            "cpu_us_per_job": self.cpu,
+            "medians": {name: statistics.median(v) for name, v in self.rates.items()},
+            "cpu_medians": {name: statistics.median(v) for name, v in self.cpu.items()},
+        }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -609,8 +641,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         contenders.append(
             Contender("formcraftd (baseline)", formcraftd_round, source=args.baseline)
         )
-    rates: dict[str, list[float]] = {c.name: [] for c in contenders}
-    cpu: dict[str, list[float]] = {c.name: [] for c in contenders}
+    tally = Tally(c.name for c in contenders)
     async with Receiver() as receiver:
         for number, order in enumerate(rotations(contenders, args.rounds), start=1):
             for contender in order:
@@ -618,24 +649,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.jobs, args.concurrency, contender.features, contender.source
                 )
                 drain = await one_round_with_retry(contender, settings, receiver)
-                rates[contender.name].append(drain.rate)
-                cpu[contender.name].append(drain.cpu_us_per_job)
-                print(
-                    f"  round {number}: {contender.name:24} {drain.rate:8.0f} jobs/s "
-                    f"{drain.cpu_us_per_job:6.0f} us CPU/job",
-                    flush=True,
-                )
-    return {
-        "jobs": args.jobs,
-        "concurrency": args.concurrency,
-        "rounds": args.rounds,
-        "rates": rates,
-        "cpu_us_per_job": cpu,
-        "medians": {name: statistics.median(values) for name, values in rates.items()},
-        "cpu_medians": {name: statistics.median(values) for name, values in cpu.items()},
-        "slow_stops": SLOW_STOPS,
-        "reconnected": RECONNECTED,
-    }
+                tally.add(number, contender.name, drain)
+    return tally.result(args) | {"slow_stops": SLOW_STOPS, "reconnected": RECONNECTED}
 
 
 async def one_round_with_retry(
