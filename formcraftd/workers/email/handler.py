@@ -35,11 +35,9 @@ from dataclasses import dataclass
 from email.headerregistry import Address
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from formcraftd.core.bounces import BounceIntake
 from formcraftd.core.config import BouncesConfig, EmailWorkerConfig
-from formcraftd.core.errors import ConfigError, PermanentFailure, RetryCode, RetryLater
+from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import EmailJob
@@ -54,9 +52,9 @@ from formcraftd.workers.email.copies import (
     unsubscribe_link,
 )
 from formcraftd.workers.email.render_threads import RenderThreads, RenderThreadsBusy
+from formcraftd.workers.email.replies import Recipient, judge, parse_recipients, smtp_failure
 from formcraftd.workers.email.smtp_pool import (
     IDLE_TIMEOUT_S,
-    SmtpError,
     SmtpPool,
     SmtpSettings,
 )
@@ -123,17 +121,6 @@ class _Settings:
         if self.return_path:
             return mime.return_path(self.return_path, job_id)
         return self.sender.addr_spec
-
-
-@dataclass(frozen=True, slots=True)
-class _Recipient:
-    raw: str  # as the job gave it (a retried job carries these)
-    address: Address
-    key: str  # the suppression list's key
-
-    @property
-    def envelope(self) -> str:
-        return self.address.addr_spec
 
 
 class EmailHandler:
@@ -240,7 +227,7 @@ class EmailHandler:
     async def handle(self, job: EmailJob, ctx: JobContext) -> None:
         """Send once: return when every recipient is settled, else raise the job's fate."""
         settings, renderer = self._settings, self._renderer  # one read per job
-        recipients = self._unsuppressed(_recipients(job), ctx)
+        recipients = self._unsuppressed(parse_recipients(job), ctx)
         copies = await self._messages(job, ctx, recipients, settings, renderer)
         started = time.monotonic()
         with ctx.trace.client(
@@ -253,7 +240,7 @@ class EmailHandler:
                 self.pool,
                 settings.envelope_sender(ctx.job_id),
                 copies,
-                functools.partial(_failure, settings=settings),
+                functools.partial(smtp_failure, endpoint=settings.smtp.endpoint),
             )
             span.set_attribute("formcraftd.smtp.refused", len(sent.refused) + len(sent.undelivered))
         log.debug(
@@ -269,7 +256,7 @@ class EmailHandler:
         await self._remember(job, ctx, sent)
         await self._judge(job, ctx, recipients, sent)
 
-    def _unsuppressed(self, recipients: list[_Recipient], ctx: JobContext) -> list[_Recipient]:
+    def _unsuppressed(self, recipients: list[Recipient], ctx: JobContext) -> list[Recipient]:
         """The recipients not on the suppression list; SUPPRESSED when none is left."""
         suppressed = self.suppression.suppressed(r.key for r in recipients)
         remaining = [r for r in recipients if r.key not in suppressed]
@@ -292,7 +279,7 @@ class EmailHandler:
         self,
         job: EmailJob,
         ctx: JobContext,
-        recipients: Sequence[_Recipient],
+        recipients: Sequence[Recipient],
         settings: _Settings,
         renderer: TemplateRenderer,
     ) -> list[Copy]:
@@ -305,7 +292,7 @@ class EmailHandler:
         """
         payload = job.payload
         if copy_per_recipient(settings.unsubscribe_url, len(recipients)):
-            groups: list[Sequence[_Recipient]] = [[recipient] for recipient in recipients]
+            groups: list[Sequence[Recipient]] = [[recipient] for recipient in recipients]
         else:
             groups = [recipients]
         try:
@@ -353,7 +340,7 @@ class EmailHandler:
         self,
         job: EmailJob,
         ctx: JobContext,
-        groups: Sequence[Sequence[_Recipient]],
+        groups: Sequence[Sequence[Recipient]],
         settings: _Settings,
         rendered: Rendered,
     ) -> list[Copy]:
@@ -394,59 +381,13 @@ class EmailHandler:
         ]
 
     async def _judge(
-        self,
-        job: EmailJob,
-        ctx: JobContext,
-        recipients: list[_Recipient],
-        sent: SentCopies,
+        self, job: EmailJob, ctx: JobContext, recipients: list[Recipient], sent: SentCopies
     ) -> None:
-        """Suppress 5xx recipients; retry the 4xx ones alone; fail if nobody got the mail."""
-        rejected = {rcpt: reply for rcpt, reply in sent.refused.items() if reply[0] >= 500}
-        deferred = {rcpt: reply for rcpt, reply in sent.refused.items() if reply[0] < 500}
-        for rcpt, (code, text) in rejected.items():
-            await self._suppress(rcpt, code, text, ctx)
-        if sent.undelivered:
-            log.warning(
-                "job %s: the copies to %d recipients were refused (%s); they are not retried",
-                ctx.job_id,
-                len(sent.undelivered),
-                next(iter(sent.undelivered.values()))[1],
-                extra={"queue": ctx.queue, "job_id": ctx.job_id},
-            )
-        retried = [r.raw for r in recipients if r.envelope in deferred or r.envelope in sent.unsent]
-        payload = msgspec.structs.replace(job.payload, to=retried)
-        if sent.interrupted is not None:
-            cause = sent.interrupted
-            raise RetryLater(
-                cause.code,
-                f"{cause.reason}; {len(sent.accepted)} of {len(recipients)} recipients have"
-                f" the mail, retrying only the other {len(retried)}",
-                status=cause.status,
-                replacement=msgspec.structs.replace(job, payload=payload),
-                counts_for_breaker=cause.counts_for_breaker,
-            )
-        if deferred:
-            code, text = next(iter(deferred.values()))
-            raise RetryLater(
-                "SMTP_TEMPORARY",
-                f"{len(deferred)} of {len(recipients)} recipients deferred ({code} {text});"
-                " retrying only those",
-                status=code,
-                replacement=msgspec.structs.replace(job, payload=payload),
-                counts_for_breaker=False,  # the relay answered: greylisting is not an outage
-            )
-        if not sent.accepted and rejected:
-            code, text = next(iter(rejected.values()))
-            raise PermanentFailure(
-                "RECIPIENT_REJECTED",
-                f"all {len(rejected) + len(sent.undelivered)} recipients refused ({code} {text})",
-                status=code,
-            )
-        if not sent.accepted:
-            status, reason = next(iter(sent.undelivered.values()))
-            raise PermanentFailure(
-                "RECIPIENT_REJECTED", f"every copy was refused: {reason}", status=status
-            )
+        """Suppress the recipients refused for good, then settle the job's fate."""
+        for rcpt, (code, text) in sent.refused.items():
+            if code >= 500:
+                await self._suppress(rcpt, code, text, ctx)
+        judge(job, ctx, recipients, sent)
 
     async def _remember(self, job: EmailJob, ctx: JobContext, sent: SentCopies) -> None:
         """Note the job in the bounce ledger, so that a later bounce can name it."""
@@ -486,19 +427,6 @@ def _mailbox_settings(config: BouncesConfig) -> tuple[object, ...]:
     return tuple(getattr(config, f) for f in config.__struct_fields__ if f.startswith("imap_"))
 
 
-def _recipients(job: EmailJob) -> list[_Recipient]:
-    """The job's recipients, parsed, in order, without duplicates; VALIDATION_ERROR if bad."""
-    unique: dict[str, _Recipient] = {}
-    for raw in job.payload.to:
-        try:
-            address = mime.parse_address(raw)
-        except mime.HeaderRefused as exc:
-            raise PermanentFailure("VALIDATION_ERROR", str(exc), reached_service=False) from None
-        key = mime.address_key(address)
-        unique.setdefault(key, _Recipient(raw, address, key))
-    return list(unique.values())
-
-
 def _span_attributes(settings: _Settings, recipients: int, size: int) -> dict[str, str | int]:
     """The SMTP client span's attributes: the relay and counts, never an address."""
     return {
@@ -507,21 +435,6 @@ def _span_attributes(settings: _Settings, recipients: int, size: int) -> dict[st
         "formcraftd.smtp.recipients": recipients,
         "formcraftd.smtp.message.size": size,
     }
-
-
-def _failure(exc: SmtpError, *, settings: _Settings) -> PermanentFailure | RetryLater:
-    if exc.auth:
-        log.error(
-            "SMTP authentication failed at %s: %s",
-            settings.smtp.endpoint,
-            exc.reason,
-            extra={"alert": "smtp_auth_failed", "status": exc.status},
-        )
-        return PermanentFailure("AUTH_REVOKED", exc.reason, status=exc.status)
-    if exc.transient:
-        code: RetryCode = "SMTP_CONNECTION" if exc.status is None else "SMTP_TEMPORARY"
-        return RetryLater(code, exc.reason, status=exc.status)
-    return PermanentFailure("RECIPIENT_REJECTED", exc.reason, status=exc.status)
 
 
 if TYPE_CHECKING:
