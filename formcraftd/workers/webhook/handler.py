@@ -108,11 +108,11 @@ class _Settings:
     # total bounds the whole exchange: waiting for a pooled connection,
     # resolving, connecting, sending and reading the response, body included
     # (every body read checks it), so a receiver dribbling bytes cannot stretch
-    # a request past timeout_ms. sock_connect and sock_read (restarted by each
-    # chunk received) start later, so they never fire first: a second line.
-    # aiohttp rounds total and sock_connect deadlines of 5 s or more up to the
-    # next whole second of the loop clock; an infinite ceil_threshold turns
-    # that off, so a request ends at timeout_ms, not up to a second later.
+    # a request past timeout_ms. It is the only deadline: sock_connect and
+    # sock_read would start later and so never fire first, while sock_read
+    # costs a timer reset per chunk received. aiohttp rounds a total of 5 s or
+    # more up to the next whole second of the loop clock; an infinite
+    # ceil_threshold turns that off, so a request ends at timeout_ms.
     client_timeout: aiohttp.ClientTimeout
 
     @classmethod
@@ -125,7 +125,7 @@ class _Settings:
             config.concurrency,
             EgressProxy.from_config(config),
             TlsContexts.from_config(config),
-            aiohttp.ClientTimeout(total=t, sock_connect=t, sock_read=t, ceil_threshold=math.inf),
+            aiohttp.ClientTimeout(total=t, ceil_threshold=math.inf),
         )
 
     @property

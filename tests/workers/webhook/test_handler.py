@@ -448,9 +448,9 @@ async def test_long_timeouts_are_not_rounded_up(raw_server: Any) -> None:
     """A timeout of 5 s or more ends on time, not at the next whole second.
 
     aiohttp rounds such total deadlines up to a whole second of the loop clock
-    unless told not to. A dribbled body keeps resetting sock_read, so only the
-    total deadline ends the request; started just after a whole second,
-    rounding would add more than 0.9 s.
+    unless told not to. A dribbled body never lets the receiver go quiet, so
+    only the total deadline ends the request; started just after a whole
+    second, rounding would add more than 0.9 s.
     """
     port = await raw_server(dribbles_body)
     h = await started_handler(WebhookWorkerConfig(allowed_networks=LOOPBACK_ONLY, timeout_ms=5000))
