@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from yarl import URL
 
 from formcraftd.core.config import WebhookWorkerConfig
+from formcraftd.core.config_checks import is_host_name
 from formcraftd.core.errors import ConfigError
 
 __all__ = ["EgressProxy", "NoProxyRule", "is_proxy_answer"]
@@ -56,10 +57,10 @@ class NoProxyRule:
         name = text.removesuffix(".")
         if name.startswith("."):
             bare = name[1:]
-            if not _is_host_name(bare):
+            if not is_host_name(bare):
                 raise ValueError(entry)
             return cls(suffix=name, port=port)
-        if not _is_host_name(name):
+        if not is_host_name(name):
             raise ValueError(entry)
         return cls(suffix="." + name, exact=name, port=port)
 
@@ -72,17 +73,6 @@ class NoProxyRule:
         if self.network is not None:
             return ip is not None and ip.version == self.network.version and ip in self.network
         return host == self.exact or host.endswith(self.suffix)
-
-
-def _is_host_name(name: str) -> bool:
-    labels = name.split(".")
-    return 0 < len(name) <= 253 and all(
-        0 < len(label) <= 63
-        and label.replace("-", "").replace("_", "").isalnum()
-        and not label.startswith("-")
-        and not label.endswith("-")
-        for label in labels
-    )
 
 
 @dataclass(frozen=True, slots=True)

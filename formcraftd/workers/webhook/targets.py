@@ -68,13 +68,17 @@ def _parse_target(raw: str) -> Target:
     # The test mirrors aiohttp's own (`":" in host` or digits and dots), so
     # every host aiohttp will not resolve is checked against the policy.
     literal = ":" in host or host.replace(".", "").isdigit()
-    if not literal and not _is_host_name(host):
+    if not literal and not _fits_dns(host):
         return Target(None, origin, key, host, literal=False)
     return Target(url, origin, key, host, literal)
 
 
-def _is_host_name(host: str) -> bool:
-    """Whether DNS can look `host` up: at most 253 characters, labels of 1 to 63 (RFC 1035)."""
+def _fits_dns(host: str) -> bool:
+    """Whether DNS can look `host` up: at most 253 characters, labels of 1 to 63 (RFC 1035).
+
+    Looser than the config's :func:`~formcraftd.core.config_checks.is_host_name`
+    on purpose: a job's URL is sent wherever the resolver can find it.
+    """
     labels = host.removesuffix(".").split(".")
     return len(host) <= 253 and all(0 < len(label) <= 63 for label in labels)
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from formcraftd.core.config import check_unsubscribe_url
+from formcraftd.core.config_checks import check_unsubscribe_url
 from formcraftd.core.errors import ConfigError, RetryLater
 from formcraftd.core.jobs import EmailJob
 from formcraftd.workers.email import mime
