@@ -39,7 +39,6 @@ from formcraftd.core.errors import ConfigError
 from formcraftd.core.events import Emit
 from formcraftd.core.handler import Handler, HandlerFactory
 from formcraftd.core.stats import QueueStats
-from formcraftd.core.text import utc_timestamp
 from formcraftd.core.tracing import NO_TRACER, Tracer
 from formcraftd.ops import logs, systemd
 from formcraftd.ops.endpoints import EndpointHealth
@@ -124,10 +123,6 @@ def build_handler(
     if factory is None:
         return None
     return factory(worker, user_agent=USER_AGENT, emit=emit)
-
-
-def _timestamp(instant: float | None) -> str | None:
-    return utc_timestamp(instant) if instant is not None else None
 
 
 class Daemon(AdminOperations):
@@ -436,77 +431,6 @@ class Daemon(AdminOperations):
                 publisher_confirms=True, on_return_raises=True
             )
         return self._admin_channel
-
-    def _queue_states(self) -> dict[str, dict[str, Any]]:
-        connected = self.broker.connected
-        return {
-            name: {
-                "state": consumer.state if connected else "disconnected",
-                "consuming": connected and consumer.consuming,
-                "in_flight": consumer.in_flight,
-                "concurrency": consumer.limiter.limit,
-            }
-            for name, consumer in self.consumers.items()
-        }
-
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        queues = self._queue_states()
-        healthy = (
-            self.started.is_set()
-            and self.broker.connected
-            and all(q["consuming"] or q["state"] == "paused" for q in queues.values())
-        )
-        return healthy, {
-            "status": "ok" if healthy else "unavailable",
-            "version": __version__,
-            "broker": {"connected": self.broker.connected, "reconnects": self.broker.reconnects},
-            "queues": queues,
-            "last_reload": self.reloader.last,
-        }
-
-    def ready(self) -> tuple[bool, dict[str, Any]]:
-        healthy, body = self.health()
-        ready = healthy and not self._should_exit.is_set()
-        body["status"] = (
-            "ok" if ready else ("draining" if self._should_exit.is_set() else "unavailable")
-        )
-        return ready, body
-
-    def render_metrics(self) -> bytes:
-        return self.metrics.render()
-
-    def admin_token(self) -> str:
-        return self.config.http.admin_token
-
-    def status(self) -> dict[str, Any]:
-        """The snapshot behind /admin/status and the status page (no secrets)."""
-        queues = self._queue_states()
-        for name, entry in queues.items():
-            reading = self.monitor.readings.get(name)
-            consumer = self.consumers[name]
-            entry |= {
-                "kind": self.kinds[name],
-                "depth": reading.depth if reading else None,
-                "dead_letter_depth": reading.dead_letter_depth if reading else None,
-                "depth_at": _timestamp(reading.depth_at if reading else None),
-                "rate_per_s": round(reading.rate_per_s, 3) if reading else 0.0,
-                "error_rate": round(reading.error_rate, 3) if reading else 0.0,
-                "finished": consumer.stats.finished,
-                "failed": consumer.stats.failed,
-            }
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "config_source": self.config.source,
-            "broker": {"connected": self.broker.connected, "reconnects": self.broker.reconnects},
-            "queues": queues,
-            "breakers": self.breakers.snapshot(),
-            "endpoints": self.endpoints.snapshot(),
-            "bounce_mailbox": self._mailbox_status(),
-            "alerts": self.monitor.snapshot(),
-            "monitoring": self.monitor.describe(),
-            "last_reload": self.reloader.last,
-        }
 
 
 async def run_daemon(config: Config, *, config_path: str | None = None) -> None:
