@@ -21,8 +21,9 @@ table shows medians.
 
 `--only` may also name formcraftd with a feature off, to price that feature in
 the same A/B run: formcraftd-noevents (no delivery events), formcraftd-quiet
-(logging.level = "warning": no per-job log line), formcraftd-lean (both); or
-with tracing on: formcraftd-traced (OpenTelemetry, every trace sampled, OTLP/HTTP
+(logging.level = "warning": no per-job log line), formcraftd-lean (both); with
+events batched: formcraftd-batched (events_per_message = 100, so arrays of events
+in fewer broker messages); or with tracing on: formcraftd-traced (OpenTelemetry, every trace sampled, OTLP/HTTP
 to the receiver process standing in for a collector; needs the otel extra).
 `--baseline CHECKOUT` adds the formcraftd of another checkout (say a git
 worktree of the commit before an optimisation) to the same rotation, which
@@ -108,6 +109,7 @@ class Features:
     """What the formcraftd under test has switched on (all of it, by default)."""
 
     events: bool = True
+    events_per_message: int = 1  # above 1: JSON arrays of events, fewer broker messages
     monitoring: bool = True
     log_level: str = "info"
     tracing: bool = False  # OpenTelemetry at 100 % sampling, exported to the receiver (OTLP)
@@ -128,6 +130,10 @@ def bench_config(prefix: str, port: int, concurrency: int, features: Features | 
         "[events]",
         f"enabled = {str(features.events).lower()}",
         f'exchange = "{prefix}.events"',  # Stage binds a small sink queue to it
+    ]
+    if features.events_per_message != 1:  # only then: a --baseline checkout may predate the key
+        lines.append(f"events_per_message = {features.events_per_message}")
+    lines += [
         "[monitoring]",
         f"enabled = {str(features.monitoring).lower()}",
         "interval_ms = 1000",
@@ -583,6 +589,9 @@ CONTENDERS = {
     "formcraftd": Contender("formcraftd", formcraftd_round),
     "bare": Contender("bare aio-pika", bare_round),
     "celery": Contender("celery", celery_round),
+    "formcraftd-batched": Contender(
+        "formcraftd, events batched", formcraftd_round, Features(events_per_message=100)
+    ),
     "formcraftd-noevents": Contender(
         "formcraftd, no events", formcraftd_round, Features(events=False)
     ),
