@@ -21,9 +21,11 @@ table shows medians.
 
 `--only` may also name formcraftd with a feature off, to price that feature in
 the same A/B run: formcraftd-noevents (no delivery events), formcraftd-quiet
-(logging.level = "warning": no per-job log line), formcraftd-lean (both); or
-with tracing on: formcraftd-traced (OpenTelemetry, every trace sampled, OTLP/HTTP
-to the receiver process standing in for a collector; needs the otel extra).
+(logging.level = "warning": no per-job log line), formcraftd-lean (both); with
+events batched: formcraftd-batched (events_per_message = 100, so arrays of
+events in fewer broker messages); or with tracing on: formcraftd-traced
+(OpenTelemetry, every trace sampled, OTLP/HTTP to the receiver process standing
+in for a collector; needs the otel extra).
 `--baseline CHECKOUT` adds the formcraftd of another checkout (say a git
 worktree of the commit before an optimisation) to the same rotation, which
 is how a change is measured before/after on a noisy machine.
@@ -108,6 +110,7 @@ class Features:
     """What the formcraftd under test has switched on (all of it, by default)."""
 
     events: bool = True
+    events_per_message: int = 1  # above 1: JSON arrays of events, fewer broker messages
     monitoring: bool = True
     log_level: str = "info"
     tracing: bool = False  # OpenTelemetry at 100 % sampling, exported to the receiver (OTLP)
@@ -128,6 +131,10 @@ def bench_config(prefix: str, port: int, concurrency: int, features: Features | 
         "[events]",
         f"enabled = {str(features.events).lower()}",
         f'exchange = "{prefix}.events"',  # Stage binds a small sink queue to it
+    ]
+    if features.events_per_message != 1:  # only then: a --baseline checkout may predate the key
+        lines.append(f"events_per_message = {features.events_per_message}")
+    lines += [
         "[monitoring]",
         f"enabled = {str(features.monitoring).lower()}",
         "interval_ms = 1000",
@@ -583,6 +590,9 @@ CONTENDERS = {
     "formcraftd": Contender("formcraftd", formcraftd_round),
     "bare": Contender("bare aio-pika", bare_round),
     "celery": Contender("celery", celery_round),
+    "formcraftd-batched": Contender(
+        "formcraftd, events batched", formcraftd_round, Features(events_per_message=100)
+    ),
     "formcraftd-noevents": Contender(
         "formcraftd, no events", formcraftd_round, Features(events=False)
     ),
@@ -611,7 +621,7 @@ class Tally:
     def __init__(self, names: Iterable[str], width: int = 24) -> None:
         self.rates: dict[str, list[float]] = {name: [] for name in names}
         self.cpu: dict[str, list[float]] = {name: [] for name in self.rates}
-        self._width = width
+        self._width = max(width, *map(len, self.rates))  # a long name widens the column
 
     def add(self, number: int, name: str, drain: Drain) -> None:
         self.rates[name].append(drain.rate)
@@ -675,11 +685,12 @@ def report(result: dict[str, Any]) -> None:
         f"\nwebhook throughput: {result['jobs']} jobs, concurrency {result['concurrency']}, "
         f"median of {result['rounds']} rounds"
     )
-    print(f"{'consumer':24} {'jobs/s':>8} {'vs bare':>8} {'CPU us/job':>11}  rounds (jobs/s)")
+    width = max(24, *map(len, medians))
+    print(f"{'consumer':{width}} {'jobs/s':>8} {'vs bare':>8} {'CPU us/job':>11}  rounds (jobs/s)")
     for name, median in medians.items():
         ratio = f"{median / base:7.2f}x" if base else "       -"
         rounds = " ".join(f"{rate:.0f}" for rate in result["rates"][name])
-        print(f"{name:24} {median:8.0f} {ratio} {cpu[name]:11.0f}  {rounds}")
+        print(f"{name:{width}} {median:8.0f} {ratio} {cpu[name]:11.0f}  {rounds}")
     if "formcraftd" in medians and "celery" in medians:
         print(f"formcraftd / celery: {medians['formcraftd'] / medians['celery']:.1f}x")
 

@@ -418,13 +418,30 @@ async def _tail_events(cfg: config.Config, pattern: str, count: int | None) -> N
         async with queue.iterator() as messages:
             async for message in messages:
                 await message.ack()
-                sys.stdout.write(message.body.decode("utf-8", "replace") + "\n")
+                lines = _event_lines(message)
+                if count is not None:
+                    lines = lines[: count - seen]
+                sys.stdout.write("".join(line.decode("utf-8", "replace") + "\n" for line in lines))
                 sys.stdout.flush()
-                seen += 1
+                seen += len(lines)
                 if count is not None and seen >= count:
                     break
     finally:
         await broker.aclose()
+
+
+def _event_lines(message: aio_pika.abc.AbstractIncomingMessage) -> list[bytes]:
+    """The events of one message, a JSON object each: the elements of an array body
+    (`events_per_message` above 1, with its header), else the body itself."""
+    from formcraftd.core.events import BATCH_HEADER
+
+    if BATCH_HEADER in (message.headers or {}):
+        with contextlib.suppress(msgspec.DecodeError):
+            return [bytes(event) for event in _raw_array.decode(message.body)]
+    return [message.body]
+
+
+_raw_array = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 async def _existing_events_exchange(

@@ -10,7 +10,9 @@ confirm mode: a batch is marshalled into one write, its messages take the
 next delivery tags, and a reader counts the broker's `Basic.Ack` / `Basic.Nack`
 per batch (a `multiple` confirm covers every earlier tag). A nack, a channel or
 connection closed by the broker, or a batch not confirmed in time counts as
-not published; the caller drops and counts those events.
+not published; the caller drops and counts those events. A message may carry
+several events (`[events] events_per_message`): the caller says how many each
+one counts for, so that a lost message counts all of its events.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import pamqp.frame
 from pamqp import commands, constants
 from pamqp.body import ContentBody
+from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
 from formcraftd.amqp.raw import CHANNEL, RawConnection, unmarshal
@@ -28,25 +31,33 @@ from formcraftd.core.errors import BrokerError
 
 __all__ = ["ConfirmingPublisher", "Outgoing"]
 
-Outgoing = tuple[str, bytes, str]
-"""One message: routing key, JSON body, message id."""
+Outgoing = tuple[str, bytes, str] | tuple[str, bytes, str, FieldTable]
+"""One message: routing key, JSON body, message id and, optionally, its headers."""
 
 
 class _Batch:
-    """The confirms of one batch: delivery tags `first` up to `first + count - 1`."""
+    """The confirms of one batch: delivery tags `first` up to `first + count - 1`.
 
-    __slots__ = ("acked", "count", "done", "first", "pending")
+    `acked` adds up the acked messages, each counting for its entry of `weights`
+    (1 each without them).
+    """
 
-    def __init__(self, first: int, count: int, done: asyncio.Future[None]) -> None:
+    __slots__ = ("acked", "count", "done", "first", "pending", "weights")
+
+    def __init__(
+        self, first: int, count: int, weights: list[int] | None, done: asyncio.Future[None]
+    ) -> None:
         self.first = first
         self.count = count
+        self.weights = weights
         self.pending = count
         self.acked = 0
         self.done = done
 
-    def confirm(self, acked: bool) -> None:
+    def confirm(self, tag: int, acked: bool) -> None:
         self.pending -= 1
-        self.acked += acked
+        if acked:
+            self.acked += 1 if self.weights is None else self.weights[tag - self.first]
         if not self.pending and not self.done.done():
             self.done.set_result(None)
 
@@ -83,9 +94,12 @@ class ConfirmingPublisher:
         )
         return publisher
 
-    async def publish(self, messages: list[Outgoing], within_s: float) -> int:
+    async def publish(
+        self, messages: list[Outgoing], within_s: float, weights: list[int] | None = None
+    ) -> int:
         """Publish `messages` in one write and wait for their confirms; how many were acked.
 
+        With `weights`, message n counts for `weights[n]` (the events it carries).
         What is not acked within `within_s` (or when the connection goes, see
         `closed`) does not count: the caller drops those messages.
         """
@@ -93,8 +107,9 @@ class ConfirmingPublisher:
             raise BrokerError(f"the events connection is closed: {self.closed}")
         if not messages:
             return 0
-        frames = b"".join(self._frames(key, body, message_id) for key, body, message_id in messages)
-        batch = _Batch(self._next_tag, len(messages), asyncio.get_running_loop().create_future())
+        frames = b"".join(self._frames(*message) for message in messages)
+        loop = asyncio.get_running_loop()
+        batch = _Batch(self._next_tag, len(messages), weights, loop.create_future())
         tags = range(batch.first, batch.first + batch.count)
         self._unconfirmed.update(dict.fromkeys(tags, batch))
         self._next_tag += batch.count
@@ -122,7 +137,9 @@ class ConfirmingPublisher:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _frames(self, key: str, body: bytes, message_id: str) -> bytes:
+    def _frames(
+        self, key: str, body: bytes, message_id: str, headers: FieldTable | None = None
+    ) -> bytes:
         publish = self._publish_frames.get(key)
         if publish is None:
             publish = self._publish_frames[key] = pamqp.frame.marshal(
@@ -133,6 +150,7 @@ class ConfirmingPublisher:
             delivery_mode=2,
             message_id=message_id,
             message_type=key,
+            headers=headers,
         )
         parts = [publish, pamqp.frame.marshal(ContentHeader(0, len(body), properties), CHANNEL)]
         step = self._connection.frame_max - 8  # a body frame's header and end take 8 bytes
@@ -167,13 +185,13 @@ class ConfirmingPublisher:
         if not multiple:
             batch = unconfirmed.pop(tag, None)
             if batch is not None:
-                batch.confirm(acked)
+                batch.confirm(tag, acked)
             return
         while unconfirmed:
             oldest = next(iter(unconfirmed))
             if oldest > tag:
                 break
-            unconfirmed.pop(oldest).confirm(acked)
+            unconfirmed.pop(oldest).confirm(oldest, acked)
 
     def _fail_all(self, error: BaseException) -> None:
         """End every unconfirmed batch: what was acked counts, the rest does not."""

@@ -22,6 +22,9 @@ from formcraftd.core.text import one_line, utc_now
 
 EventOutcome = Literal["succeeded", "retrying", "dead_lettered", "delayed"]
 SNIPPET_CHARS = 300
+# With `[events] events_per_message` above 1, a message's body is a JSON array of
+# events of one routing key, and this header says how many.
+BATCH_HEADER = "x-formcraft-events"
 
 
 class DeliveryEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="event", tag="delivery"):
@@ -182,7 +185,15 @@ _ENDPOINT_KEYS: dict[type[EndpointEvent], str] = {
 }
 
 
+SCHEMA_DESCRIPTION = (
+    "A delivery event: by default one per AMQP message, the body one JSON object,"
+    " routing key <kind>.<outcome>. With [events] events_per_message > 1 a message"
+    " body is a JSON array of these events (of one routing key, in the order they"
+    f" were emitted), with the header {BATCH_HEADER}: <count>."
+)
+
+
 def schema() -> dict[str, object]:
     """The JSON Schema of the events (for `formcraftd schema events`)."""
-    result: dict[str, object] = msgspec.json.schema(Event)
+    result: dict[str, object] = {"description": SCHEMA_DESCRIPTION} | msgspec.json.schema(Event)
     return result

@@ -56,9 +56,14 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_redeliveries: PositiveInt = 5  # classic queues: redeliveries before dead-lettering
 
 
+# Events per AMQP message: 1 is one JSON object per message; more, a JSON array.
+EventsPerMessage = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+
+
 class EventsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     enabled: bool = False
     exchange: QueueName = "formcraftd.events"
+    events_per_message: EventsPerMessage = 1
 
 
 class TracingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

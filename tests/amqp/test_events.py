@@ -436,11 +436,14 @@ async def test_the_events_of_jobs_finished_during_shutdown_are_published(
 class Publishing:
     """A running `EventPublisher` of its own, with its own dropped-events counter."""
 
-    def __init__(self, names: Names, url: str) -> None:
+    def __init__(self, names: Names, url: str, events_per_message: int = 1) -> None:
         self.registry = CollectorRegistry()
         dropped = Counter("formcraftd_events_dropped", "test", registry=self.registry)
+        events = EventsConfig(
+            enabled=True, exchange=f"{names.prefix}.events", events_per_message=events_per_message
+        )
         self.publisher = EventPublisher(
-            EventsConfig(enabled=True, exchange=f"{names.prefix}.events"),
+            events,
             BrokerConfig(url=url),
             dropped,
         )
@@ -457,8 +460,10 @@ class Publishing:
 
 
 @contextlib.asynccontextmanager
-async def publishing(names: Names, url: str = AMQP_URL) -> AsyncIterator[Publishing]:
-    running = Publishing(names, url)
+async def publishing(
+    names: Names, url: str = AMQP_URL, events_per_message: int = 1
+) -> AsyncIterator[Publishing]:
+    running = Publishing(names, url, events_per_message)
     task = asyncio.create_task(running.publisher.run())
     try:
         yield running

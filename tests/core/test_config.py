@@ -28,7 +28,7 @@ SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
     "http": {"host": "127.0.0.1", "port": 9800, "admin_token": ""},
     "logging": {"level": "info", "format": "json", "sentry_dsn": ""},
     "daemon": {"shutdown_timeout_s": 30, "max_message_bytes": 1048576},
-    "events": {"enabled": False, "exchange": "formcraftd.events"},
+    "events": {"enabled": False, "exchange": "formcraftd.events", "events_per_message": 1},
     "monitoring": {
         "enabled": True,
         "interval_ms": 60000,
@@ -294,6 +294,23 @@ def test_out_of_range_environment_value_names_the_key(tmp_path: Path) -> None:
     """A well-typed but invalid value from the environment names the key it sets."""
     message = config_error(tmp_path, "", {"WEBHOOK_WORKER_CONCURRENCY": "0"})
     assert "workers.webhook.concurrency" in message
+
+
+@pytest.mark.parametrize(("value", "bound"), [("0", ">= 1"), ("1001", "<= 1000")])
+def test_events_per_message_out_of_range_names_the_key(
+    tmp_path: Path, value: str, bound: str
+) -> None:
+    """`[events] events_per_message` takes 1 to 1000; outside that, one line naming the key."""
+    message = config_error(tmp_path, f"[events]\nevents_per_message = {value}\n")
+    assert "events.events_per_message" in message
+    assert bound in message
+    assert "\n" not in message
+
+
+def test_events_per_message_takes_its_bounds(tmp_path: Path) -> None:
+    for value in (1, 1000):
+        cfg = load_text(tmp_path, f"[events]\nevents_per_message = {value}\n")
+        assert cfg.events.events_per_message == value
 
 
 def test_non_amqp_broker_url_from_environment_is_rejected(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from formcraftd.core import config as config_module
 from formcraftd.core.config import Config
-from formcraftd.ops.reload import Reloader, keeping_running
+from formcraftd.ops.reload import Reloader, keeping_running, needs_restart
 
 BASE = """
 [http]
@@ -42,6 +42,17 @@ def test_keeping_running_keeps_restart_only_values_and_takes_the_rest(tmp_path: 
     applied = keeping_running(config_module.load(path), running)
     assert applied.http.port == 8080
     assert applied.workers.webhook.concurrency == 7
+
+
+def test_events_per_message_needs_a_restart_like_the_rest_of_events(tmp_path: Path) -> None:
+    """The events publisher reads [events] once, at start: a new value waits for a restart."""
+    path = tmp_path / "config.toml"
+    path.write_text("[events]\nevents_per_message = 1\n")
+    running = config_module.load(path)
+    path.write_text("[events]\nevents_per_message = 50\n")
+    new = config_module.load(path)
+    assert needs_restart(["events.events_per_message"]) == ["events.events_per_message"]
+    assert keeping_running(new, running).events.events_per_message == 1
 
 
 async def test_a_restart_only_key_changed_and_changed_back_needs_no_restart(
