@@ -27,8 +27,9 @@ events in fewer broker messages); or with tracing on: formcraftd-traced
 (OpenTelemetry, every trace sampled, OTLP/HTTP to the receiver process standing
 in for a collector; needs the otel extra).
 `--baseline CHECKOUT` adds the formcraftd of another checkout (say a git
-worktree of the commit before an optimisation) to the same rotation, which
-is how a change is measured before/after on a noisy machine.
+worktree of the commit before an optimisation) to the same rotation, with the
+features of the first formcraftd contender named, which is how a change is
+measured before/after on a noisy machine.
 
 The helpers here (config, publishing, the receiver, clean-up) are shared by
 latency.py, memory.py, startup.py and profile_webhook.py.
@@ -648,8 +649,10 @@ class Tally:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     contenders = [CONTENDERS[name] for name in args.only.split(",")]
     if args.baseline:
+        # the baseline runs with the features of the first formcraftd contender named
+        same = next((c for c in contenders if c.run is formcraftd_round), CONTENDERS["formcraftd"])
         contenders.append(
-            Contender("formcraftd (baseline)", formcraftd_round, source=args.baseline)
+            Contender(f"{same.name} (baseline)", formcraftd_round, same.features, args.baseline)
         )
     tally = Tally(c.name for c in contenders)
     async with Receiver() as receiver:
@@ -709,7 +712,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline",
         type=Path,
         help="another checkout of the project (e.g. a git worktree of the commit before a "
-        "change): its formcraftd joins the rounds as 'formcraftd (baseline)'",
+        "change): its formcraftd joins the rounds with the features of the first formcraftd "
+        "contender named, as '<that contender> (baseline)'",
     )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
