@@ -20,7 +20,8 @@ thread, so samples / rate / jobs is CPU per job), and writes the raw profile
 to bench/results/profile-<variant>.pyspy.txt (+ .json) or .cprofile.
 
     python bench/profile_webhook.py [--jobs 20000] [--concurrency 64] [--tool py-spy|cprofile]
-        [--target formcraftd|bare] [--no-events] [--tracing] [--log-level info] [--top 25]
+        [--target formcraftd|bare] [--no-events] [--events-per-message N] [--tracing]
+        [--log-level info] [--top 25]
     python bench/profile_webhook.py --compare bench/results/profile-bare.pyspy.txt \\
         bench/results/profile-formcraftd.pyspy.txt      # µs/job side by side
     python bench/profile_webhook.py --micro             # the hot path's pieces, timeit
@@ -149,6 +150,7 @@ def _variant(args: argparse.Namespace) -> str:
     return (
         "formcraftd"
         + ("-noevents" if args.no_events else "")
+        + ("" if args.events_per_message == 1 else f"-batched{args.events_per_message}")
         + ("" if args.log_level == "info" else f"-{args.log_level}")
         + ("-traced" if args.tracing else "")
     )
@@ -537,7 +539,12 @@ def micro() -> None:
 
 async def run(args: argparse.Namespace) -> Path:
     RESULTS.mkdir(exist_ok=True)
-    features = Features(events=not args.no_events, log_level=args.log_level, tracing=args.tracing)
+    features = Features(
+        events=not args.no_events,
+        events_per_message=args.events_per_message,
+        log_level=args.log_level,
+        tracing=args.tracing,
+    )
     async with Receiver() as receiver, Stage(args.concurrency, features) as stage:
         started = time.monotonic()
         await publish_jobs(stage.queue, args.jobs, receiver.url)
@@ -560,6 +567,9 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--no-events", action="store_true")
+    parser.add_argument(
+        "--events-per-message", type=int, default=1, help="[events] events_per_message"
+    )
     parser.add_argument(
         "--tracing", action="store_true", help="py-spy only: OpenTelemetry on, 100 %% sampled"
     )

@@ -123,7 +123,10 @@ def step(
 
 def throughput(run: Run, args: argparse.Namespace) -> None:
     argv = ["--jobs", str(args.jobs), "--rounds", str(args.rounds), "--concurrency", "64"]
-    argv += ["--only", "formcraftd-noevents,formcraftd,formcraftd-traced,bare,celery"]
+    argv += [
+        "--only",
+        "formcraftd-noevents,formcraftd,formcraftd-batched,formcraftd-traced,bare,celery",
+    ]
     found = step(run, "Webhook throughput", "webhook_throughput.py", argv, timeout=1200)
     if found is None:
         return
@@ -132,6 +135,7 @@ def throughput(run: Run, args: argparse.Namespace) -> None:
     medians, cpu, rates = data["medians"], data["cpu_medians"], data["rates"]
     fc, bare, celery = medians["formcraftd"], medians["bare aio-pika"], medians["celery"]
     shipped = medians["formcraftd, no events"]
+    batched = medians["formcraftd, events batched"]
     traced = medians["formcraftd, traced 100 %"]
     jobs = f"{data['jobs']:,} queued jobs, concurrency 64, {_rounds(data['rounds'])}"
     run.rows += [
@@ -142,8 +146,8 @@ def throughput(run: Run, args: argparse.Namespace) -> None:
             f"a JSON job line at info, monitoring; {jobs}",
             f"**{shipped:,.0f} jobs/s = {shipped / bare:.2f}x bare** "
             f"({cpu['formcraftd, no events']:.0f} µs CPU/job)",
-            ">= 0.9x bare (goal >= 1.0x)",
-            _met(shipped / bare >= 0.9),
+            ">= 1.0x bare",
+            _met(shipped / bare >= 1.0),
         ),
         Row(
             "",
@@ -152,6 +156,15 @@ def throughput(run: Run, args: argparse.Namespace) -> None:
             f"**{fc:,.0f} jobs/s = {fc / bare:.2f}x bare** ({cpu['formcraftd']:.0f} µs CPU/job)",
             ">= 0.9x bare",
             _met(fc / bare >= 0.9),
+        ),
+        Row(
+            "",
+            "formcraftd with delivery events on, batched (`events_per_message = 100`: "
+            "JSON arrays of events, far fewer broker messages)",
+            f"**{batched:,.0f} jobs/s = {batched / bare:.2f}x bare** "
+            f"({cpu['formcraftd, events batched']:.0f} µs CPU/job)",
+            ">= 0.9x bare",
+            _met(batched / bare >= 0.9),
         ),
         Row(
             "",
