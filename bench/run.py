@@ -440,6 +440,30 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time since boot from /proc/stat; None off Linux.
+
+    Steal is the time the hypervisor ran something else while this VM wanted
+    a CPU: a share of it during a run slows every contender, unevenly.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, inside user]
+    return fields[7], sum(fields[:8])
+
+
+def steal_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> str:
+    """The share of CPU time stolen between two readings, as "12 %" (or "unknown")."""
+    if start is None or end is None or end[1] <= start[1]:
+        return "unknown"
+    return f"{100 * (end[0] - start[0]) / (end[1] - start[1]):.0f} %"
+
+
 def table(rows: list[Row]) -> str:
     lines = [
         "| benchmark | case | result | target | met |",
@@ -458,7 +482,8 @@ def write_markdown(run: Run, facts: dict[str, str], started: datetime, wall_s: f
         f"Machine: {facts['cpu']}, {facts['memory']} RAM, {facts['os']}; Python "
         f"{facts['python']}; RabbitMQ {facts['rabbitmq']} on 127.0.0.1 (shared); "
         f"{facts['libraries']}. Load average at start {facts['load_start']}, at the end "
-        f"{facts['load_end']}. Wall time {wall_s / 60:.1f} min.",
+        f"{facts['load_end']}; CPU time stolen by the hypervisor during the run "
+        f"{facts['steal']}. Wall time {wall_s / 60:.1f} min.",
         "",
         table(run.rows),
         "",
@@ -522,12 +547,14 @@ def main() -> None:
     clock = time.monotonic()
     facts = machine()
     facts["load_start"] = load_average()
+    jiffies = cpu_jiffies()
     print(f"formcraftd benchmarks on {facts['cpu']}, Python {facts['python']}, "
           f"RabbitMQ {facts['rabbitmq']}; load average {facts['load_start']}")  # fmt: skip
     run = Run()
     for name in args.steps:
         STEP_FUNCTIONS[name](run, args)
     facts["load_end"] = load_average()
+    facts["steal"] = steal_share(jiffies, cpu_jiffies())
     path = write_markdown(run, facts, started, time.monotonic() - clock)
     print("\n" + table(run.rows))
     if run.reconnected:
@@ -539,7 +566,8 @@ def main() -> None:
     if run.failures:
         print("\nfailures:\n" + "\n".join(f"- {failure}" for failure in run.failures))
     print(
-        f"\nwritten to {path.relative_to(HERE.parent)}; load average at the end {facts['load_end']}"
+        f"\nwritten to {path.relative_to(HERE.parent)}; load average at the end "
+        f"{facts['load_end']}; CPU time stolen by the hypervisor {facts['steal']}"
     )
     sys.exit(1 if run.failures else 0)
 
