@@ -295,6 +295,15 @@ async def _memory_high_watermark() -> list[str]:
     return [str(value)] if kind == "relative" else ["absolute", str(value)]
 
 
+def tail_config(tmp_path: Path, names: Names, *, enabled: bool) -> Path:
+    """A config file for `events tail`: the test's exchange, events on or off."""
+    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
+    with config_file.open("a") as file:
+        on = str(enabled).lower()
+        file.write(f'[events]\nenabled = {on}\nexchange = "{names.prefix}.events"\n')
+    return config_file
+
+
 async def test_events_tail_prints_events_as_they_arrive(
     tmp_path: Path,
     names: Names,
@@ -306,9 +315,7 @@ async def test_events_tail_prints_events_as_they_arrive(
     receiver = await receiver_factory(status(200))
     cfg = events_config(names)
     await start_daemon(cfg)
-    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
-    with config_file.open("a") as file:
-        file.write(f'[events]\nenabled = true\nexchange = "{names.prefix}.events"\n')
+    config_file = tail_config(tmp_path, names, enabled=True)
     tail = asyncio.create_task(
         asyncio.to_thread(
             run_cli,
@@ -334,9 +341,7 @@ def test_events_tail_with_events_off_and_no_exchange_says_so_and_exits_1(
     tmp_path: Path, names: Names
 ) -> None:
     """`events tail` with `[events] enabled = false` and no exchange: one line, exit 1."""
-    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
-    with config_file.open("a") as file:
-        file.write(f'[events]\nenabled = false\nexchange = "{names.prefix}.events"\n')
+    config_file = tail_config(tmp_path, names, enabled=False)
     result = run_cli("events", "tail", "--config", str(config_file))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
@@ -352,9 +357,7 @@ async def test_events_tail_with_events_off_tails_an_exchange_that_exists(
     exchange = await channel.declare_exchange(
         f"{names.prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True
     )
-    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
-    with config_file.open("a") as file:
-        file.write(f'[events]\nenabled = false\nexchange = "{names.prefix}.events"\n')
+    config_file = tail_config(tmp_path, names, enabled=False)
     try:
         tail = asyncio.create_task(
             asyncio.to_thread(

@@ -24,11 +24,12 @@ from tests.amqp.test_events import (
     publishing,
     publishing_batch,
     status,
+    tail_config,
     tap,  # noqa: F401
 )
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
-from tests.support.process import free_port, run_cli, write_config
+from tests.support.process import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -197,9 +198,7 @@ async def test_events_tail_prints_one_line_per_event_of_an_array(
     exchange = await channel.declare_exchange(
         f"{names.prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True
     )
-    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
-    with config_file.open("a") as file:
-        file.write(f'[events]\nenabled = true\nexchange = "{names.prefix}.events"\n')
+    config_file = tail_config(tmp_path, names, enabled=True)
     batch = aio_pika.Message(
         b'[{"job_id": "a"},{"job_id": "b"}, {"job_id": "c"}]', headers={BATCH_HEADER: 3}
     )

@@ -50,13 +50,21 @@ def poison_header(kind: str, body: bytes) -> bytes:
     raise AssertionError(kind)
 
 
-async def publish_poison(queue: str, kind: str, body: bytes) -> None:
+async def publish_confirmed(queue: str, header: bytes, body: bytes) -> None:
+    """Publish hand-made frames and wait for the broker's confirm: the message is queued."""
     raw = await RawConnection.open(AMQP_URL)
     try:
-        raw.write(marshal_message("", queue, poison_header(kind, body), body))
+        raw.send(commands.Confirm.Select())
+        await raw.expect(commands.Confirm.SelectOk)
+        raw.write(marshal_message("", queue, header, body))
         await raw.drain()
+        await raw.expect(commands.Basic.Ack)
     finally:
         await raw.close()
+
+
+async def publish_poison(queue: str, kind: str, body: bytes) -> None:
+    await publish_confirmed(queue, poison_header(kind, body), body)
 
 
 @pytest.mark.parametrize(
@@ -99,13 +107,7 @@ async def test_a_header_that_cannot_be_sent_again_is_escaped_and_counted(
     queue = cfg.workers.webhook.queue
     body = b'{"type": "webhook.send"}'  # invalid: dead-lettered at once
     properties = commands.Basic.Properties(headers={"x-bin": "vvvv"}, message_id="job-bin")
-    raw = await RawConnection.open(AMQP_URL)
-    try:
-        header = header_with(body, properties, b"vvvv", b"\xff\xfevv")
-        raw.write(marshal_message("", queue, header, body))
-        await raw.drain()
-    finally:
-        await raw.close()
+    await publish_confirmed(queue, header_with(body, properties, b"vvvv", b"\xff\xfevv"), body)
     [dead] = await amqp.take(dead_letter_queue_name(queue), 1, timeout=15)
     assert dead.headers["x-formcraft-error-code"] == "VALIDATION_ERROR"
     assert dead.headers["x-bin"] == "\\xff\\xfevv"
