@@ -2,10 +2,11 @@
 
 Health and readiness, the status snapshot and the metrics, then the admin
 operations: pausing and resuming a queue, peeking at and replaying dead
-letters, closing a breaker, and the suppression list. :class:`AdminOperations`
-is a part of :class:`formcraftd.daemon.Daemon` (which provides the attributes
-declared below); it is a module of its own so that the daemon's file holds the
-daemon's life cycle, and this one what an operator asks of it.
+letters, closing a breaker, and the suppression list (a reload is the daemon's
+own: it is part of its life cycle). :class:`AdminOperations` is a part of
+:class:`formcraftd.daemon.Daemon` (which provides the attributes declared
+below); it is a module of its own so that the daemon's file holds the daemon's
+life cycle, and this one what an operator asks of it.
 """
 
 from __future__ import annotations
