@@ -28,6 +28,7 @@ from tests.support.process import (
     wait_healthy,
     write_config,
 )
+from tests.test_daemon import status as answering
 
 pytestmark = [pytest.mark.e2e]
 
@@ -226,11 +227,7 @@ async def test_dlq_peek_masks_secrets_and_replay_redelivers_with_tries_reset(
 ) -> None:
     """A dead letter is listed without its secret, replayed, and then delivered."""
     receiver = await receiver_factory()
-
-    async def gone(_request: web.Request, _n: int) -> web.StreamResponse:
-        return web.Response(status=410)
-
-    receiver.behaviour = gone
+    receiver.behaviour = answering(410)
     cfg = make_config(names, http={"admin_token": TOKEN})
     daemon = await start_daemon(cfg)
     queue = cfg.workers.webhook.queue
@@ -274,10 +271,7 @@ async def test_dlq_command_lists_replays_and_purges(
 ) -> None:
     """`formcraftd dlq list|replay|purge` work over AMQP without the admin API."""
 
-    async def missing(_request: web.Request, _n: int) -> web.StreamResponse:
-        return web.Response(status=404)
-
-    receiver = await receiver_factory(missing)
+    receiver = await receiver_factory(answering(404))
     cfg = make_config(names)
     await start_daemon(cfg)
     queue = cfg.workers.webhook.queue
@@ -318,10 +312,7 @@ async def test_dlq_purge_asks_first_and_refuses_without_a_terminal(
 ) -> None:
     """`dlq purge` without --yes: exit 2 when stdin is no terminal, else it asks for the name."""
 
-    async def missing(_request: web.Request, _n: int) -> web.StreamResponse:
-        return web.Response(status=404)
-
-    receiver = await receiver_factory(missing)
+    receiver = await receiver_factory(answering(404))
     cfg = make_config(names)
     await start_daemon(cfg)
     queue = cfg.workers.webhook.queue
@@ -369,11 +360,7 @@ async def test_breaker_reset_closes_an_open_breaker(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
     """POST /admin/breakers/{key}/reset closes it; an unknown key is 404."""
-
-    async def broken(_request: web.Request, _n: int) -> web.StreamResponse:
-        return web.Response(status=503)
-
-    receiver = await receiver_factory(broken)
+    receiver = await receiver_factory(answering(503))
     cfg = make_config(
         names,
         http={"admin_token": TOKEN},
