@@ -24,6 +24,7 @@ from formcraftd.daemon import Daemon
 from formcraftd.ops import tracing
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
+from tests.test_daemon import sequence
 
 pytestmark = pytest.mark.e2e
 
@@ -103,13 +104,6 @@ async def start_traced(amqp: Broker, spans: Spans) -> AsyncIterator[TracedDaemon
             await asyncio.wait_for(task, timeout=30)
 
 
-def statuses(*codes: int) -> Callable[[web.Request, int], Awaitable[web.StreamResponse]]:
-    async def answer(_request: web.Request, n: int) -> web.StreamResponse:
-        return web.Response(status=codes[min(n, len(codes)) - 1])
-
-    return answer
-
-
 def span_id(span: ReadableSpan) -> str:
     return format(span.context.span_id, "016x")
 
@@ -123,7 +117,7 @@ async def test_the_receiver_sees_the_trace_id_the_app_sent(
 ) -> None:
     """A job published with a traceparent reaches the receiver in the same trace, under
     the request's client span, itself under the attempt's consumer span."""
-    receiver = await receiver_factory(statuses(200))
+    receiver = await receiver_factory(sequence(200))
     cfg = make_config(names)
     await start_traced(cfg)
     await amqp.publish(
@@ -158,7 +152,7 @@ async def test_a_retried_job_stays_in_its_trace_and_links_each_attempt_to_the_on
     spans: Spans,
 ) -> None:
     """503, 503, 200: three attempts under the app's span, each linked to the one before."""
-    receiver = await receiver_factory(statuses(503, 503, 200))
+    receiver = await receiver_factory(sequence(503, 503, 200))
     cfg = make_config(names)
     await start_traced(cfg)
     await amqp.publish(
@@ -191,7 +185,7 @@ async def test_a_dead_letter_carries_the_trace_for_a_replay(
     spans: Spans,
 ) -> None:
     """The dead-lettered message keeps the app's traceparent and names its last attempt."""
-    receiver = await receiver_factory(statuses(410))
+    receiver = await receiver_factory(sequence(410))
     cfg = make_config(names)
     await start_traced(cfg)
     await amqp.publish(
@@ -217,7 +211,7 @@ async def test_a_replayed_dead_letter_continues_the_trace_linked_to_its_last_att
 ) -> None:
     """410, then a replay from the DLQ and 200: both attempts under the app's span, the
     replayed one linked to the dead-lettered one."""
-    receiver = await receiver_factory(statuses(410, 200))
+    receiver = await receiver_factory(sequence(410, 200))
     cfg = make_config(names)
     await start_traced(cfg)
     queue = cfg.workers.webhook.queue
@@ -292,7 +286,7 @@ async def test_a_daemon_with_tracing_enabled_exports_over_otlp_http(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.port}")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "formcraftd-e2e")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # export within 50 ms
-    receiver = await receiver_factory(statuses(200))
+    receiver = await receiver_factory(sequence(200))
     cfg = make_config(names, tracing={"enabled": True})
     await start_daemon(cfg)
     await amqp.publish(
