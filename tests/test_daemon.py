@@ -18,7 +18,7 @@ from aiohttp import web
 from formcraftd.ops import logs
 from formcraftd.ops.http import bound_port
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, HealthWatch, Names, make_config, rabbitmqctl, webhook_job
+from tests.support import Broker, HealthWatch, Names, make_config, paced, rabbitmqctl, webhook_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.webhook]
 
@@ -139,12 +139,7 @@ async def test_timeout_is_retried_then_dead_lettered(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
     """A receiver slower than timeout_ms counts as a failed try each time."""
-
-    async def slow(_request: web.Request, _n: int) -> web.StreamResponse:
-        await asyncio.sleep(3)
-        return web.Response(status=200)
-
-    receiver = await receiver_factory(slow)
+    receiver = await receiver_factory(paced(3))
     cfg = make_config(names, webhook={"timeout_ms": 300}, retry={"attempts": 2})
     await start_daemon(cfg)
     started = time.monotonic()

@@ -18,7 +18,7 @@ from formcraftd.daemon import Daemon
 from formcraftd.ops.http import bound_port
 from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, rabbitmqctl, webhook_job
+from tests.support import Broker, Names, make_config, paced, rabbitmqctl, webhook_job
 from tests.support.process import (
     free_port,
     run_cli,
@@ -382,12 +382,7 @@ async def test_readyz_turns_503_while_draining(
     names: Names, amqp: Broker, receiver_factory: ReceiverFactory, start_daemon: DaemonFactory
 ) -> None:
     """During a graceful shutdown /readyz answers 503 'draining' while jobs finish."""
-
-    async def slow(_request: web.Request, _n: int) -> web.StreamResponse:
-        await asyncio.sleep(1.5)
-        return web.Response(status=200)
-
-    receiver = await receiver_factory(slow)
+    receiver = await receiver_factory(paced(1.5))
     cfg = make_config(names)
     daemon = await start_daemon(cfg)
     url = f"{base_url(daemon)}/readyz"
@@ -473,11 +468,7 @@ async def test_each_alert_is_raised_and_cleared(
     await sink.wait(f"error_rate:{queue}", "raised")
     await sink.wait(f"error_rate:{queue}", "cleared")
 
-    async def slow(_request: web.Request, _n: int) -> web.StreamResponse:
-        await asyncio.sleep(1.2)
-        return web.Response(status=200)
-
-    receiver.behaviour = slow
+    receiver.behaviour = paced(1.2)
     await amqp.publish(queue, webhook_job(receiver.url, submission_id="slow"))
     await sink.wait(f"processing_delay:{queue}", "raised")
     await sink.wait(f"processing_delay:{queue}", "cleared")

@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, webhook_job
+from tests.support import Broker, Names, make_config, paced, webhook_job
 from tests.support.process import free_port, run_cli, spawn, wait_exit, wait_healthy, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.webhook]
@@ -27,12 +26,7 @@ async def test_sigterm_with_jobs_in_flight_loses_nothing(
     start_daemon: DaemonFactory,
 ) -> None:
     """SIGTERM drains in-flight jobs, exits 0, and a restart delivers every remaining job."""
-
-    async def slow(_request: web.Request, _n: int) -> web.StreamResponse:
-        await asyncio.sleep(0.4)
-        return web.Response(status=200)
-
-    receiver = await receiver_factory(slow)
+    receiver = await receiver_factory(paced(0.4))
     cfg = make_config(names)
     amqp.track(cfg)
     port = free_port()
@@ -70,12 +64,7 @@ async def test_second_signal_forces_a_prompt_exit_and_requeues(
     receiver_factory: ReceiverFactory,
 ) -> None:
     """A second SIGTERM stops waiting for slow jobs; they go back to the queue."""
-
-    async def stuck(_request: web.Request, _n: int) -> web.StreamResponse:
-        await asyncio.sleep(30)
-        return web.Response(status=200)
-
-    receiver = await receiver_factory(stuck)
+    receiver = await receiver_factory(paced(30))
     cfg = make_config(names)
     amqp.track(cfg)
     port = free_port()

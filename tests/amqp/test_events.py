@@ -35,6 +35,7 @@ from tests.support import (
     TcpProxy,
     amqp_url,
     make_config,
+    paced,
     rabbitmqctl,
     webhook_job,
 )
@@ -419,12 +420,7 @@ async def test_the_events_of_jobs_finished_during_shutdown_are_published(
     start_daemon: DaemonFactory,
 ) -> None:
     """A job that completes while the daemon drains still gets its event out."""
-
-    async def slow(_request: web.Request, _n: int) -> web.StreamResponse:
-        await asyncio.sleep(0.5)
-        return web.Response(status=200)
-
-    receiver = await receiver_factory(slow)
+    receiver = await receiver_factory(paced(0.5))
     daemon = await start_daemon(events_config(names))
     await amqp.publish(daemon.config.workers.webhook.queue, webhook_job(receiver.url))
     await receiver.wait_for(1)

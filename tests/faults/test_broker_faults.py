@@ -6,12 +6,11 @@ import asyncio
 import time
 
 import pytest
-from aiohttp import web
 
 from formcraftd.daemon import Daemon
 from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, HealthWatch, Names, make_config, rabbitmqctl, webhook_job
+from tests.support import Broker, HealthWatch, Names, make_config, paced, rabbitmqctl, webhook_job
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -27,14 +26,6 @@ async def wait_health(daemon: Daemon, healthy: bool, timeout: float) -> None:
 
 async def publish_all(amqp: Broker, queue: str, url: str) -> list[str]:
     return [await amqp.publish(queue, webhook_job(url, submission_id=str(i))) for i in range(JOBS)]
-
-
-def paced(delay: float):  # type: ignore[no-untyped-def]
-    async def answer(_request: web.Request, _n: int) -> web.StreamResponse:
-        await asyncio.sleep(delay)
-        return web.Response(status=200)
-
-    return answer
 
 
 async def assert_all_delivered(receiver_requests: list, ids: list[str], url: str) -> int:  # type: ignore[type-arg]

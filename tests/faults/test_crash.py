@@ -7,13 +7,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from formcraftd.amqp.connection import Broker as DaemonBroker
 from formcraftd.amqp.topology import WorkerTopology
 from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import ReceiverFactory
-from tests.support import Broker, Names, make_config, webhook_job
+from tests.support import Broker, Names, make_config, paced, webhook_job
 from tests.support.process import free_port, spawn, wait_exit, wait_healthy, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -25,12 +24,7 @@ async def test_sigkill_mid_stream_loses_nothing(
     tmp_path: Path, names: Names, amqp: Broker, receiver_factory: ReceiverFactory
 ) -> None:
     """Kill -9 with jobs in flight, start again: all 1000 arrive, duplicates counted."""
-
-    async def answer(_request: web.Request, _n: int) -> web.StreamResponse:
-        await asyncio.sleep(0.005)
-        return web.Response(status=200)
-
-    receiver = await receiver_factory(answer)
+    receiver = await receiver_factory(paced(0.005))
     cfg = make_config(names)
     amqp.track(cfg)
     port = free_port()

@@ -56,6 +56,16 @@ async def ok(_request: web.Request, _n: int) -> web.StreamResponse:
     return web.Response(text="ok")
 
 
+def paced(delay: float) -> Callable[[web.Request, int], Awaitable[web.StreamResponse]]:
+    """A receiver behaviour that answers 200, with no body, after `delay` seconds."""
+
+    async def answer(_request: web.Request, _n: int) -> web.StreamResponse:
+        await asyncio.sleep(delay)
+        return web.Response(status=200)
+
+    return answer
+
+
 class Receiver:
     """A real aiohttp webhook receiver on 127.0.0.1 whose answers a test scripts."""
 
