@@ -18,25 +18,21 @@ from aiohttp import web
 from formcraftd.ops import logs
 from formcraftd.ops.http import bound_port
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, HealthWatch, Names, make_config, paced, rabbitmqctl, webhook_job
+from tests.support import (
+    Broker,
+    HealthWatch,
+    Names,
+    make_config,
+    paced,
+    rabbitmqctl,
+    sequence,
+    status,
+    webhook_job,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.webhook]
 
 SECRET = "whsec_" + base64.b64encode(b"end-to-end-secret").decode()
-
-
-def status(code: int, **headers: str):  # type: ignore[no-untyped-def]
-    async def answer(_request: web.Request, _n: int) -> web.StreamResponse:
-        return web.Response(status=code, headers=headers)
-
-    return answer
-
-
-def sequence(*codes: int):  # type: ignore[no-untyped-def]
-    async def answer(_request: web.Request, n: int) -> web.StreamResponse:
-        return web.Response(status=codes[min(n, len(codes)) - 1])
-
-    return answer
 
 
 async def test_delivers_a_signed_webhook_and_acks(

@@ -19,6 +19,7 @@ from formcraftd.ops.http import bound_port
 from formcraftd.workers.webhook.signing import webhook_id
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, paced, rabbitmqctl, webhook_job
+from tests.support import status as answering
 from tests.support.process import (
     free_port,
     run_cli,
@@ -28,7 +29,6 @@ from tests.support.process import (
     wait_healthy,
     write_config,
 )
-from tests.test_daemon import status as answering
 
 pytestmark = [pytest.mark.e2e]
 

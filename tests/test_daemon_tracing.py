@@ -23,8 +23,7 @@ from formcraftd.core.tracing import PREVIOUS_ATTEMPT_HEADER
 from formcraftd.daemon import Daemon
 from formcraftd.ops import tracing
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, webhook_job
-from tests.test_daemon import sequence
+from tests.support import Broker, Names, make_config, sequence, webhook_job
 
 pytestmark = pytest.mark.e2e
 

@@ -39,6 +39,7 @@ def amqp_url(port: int | None = None) -> str:
 AMQP_URL = amqp_url()
 
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+"""How a test receiver answers its n-th request (n counts from 1)."""
 
 
 @dataclass
@@ -56,7 +57,25 @@ async def ok(_request: web.Request, _n: int) -> web.StreamResponse:
     return web.Response(text="ok")
 
 
-def paced(delay: float) -> Callable[[web.Request, int], Awaitable[web.StreamResponse]]:
+def status(code: int, **headers: str) -> Behaviour:
+    """Answer every request with `code` (and `headers`), no body."""
+
+    async def answer(_request: web.Request, _n: int) -> web.StreamResponse:
+        return web.Response(status=code, headers=headers)
+
+    return answer
+
+
+def sequence(*codes: int) -> Behaviour:
+    """Answer the n-th request with the n-th code, the last one from then on."""
+
+    async def answer(_request: web.Request, n: int) -> web.StreamResponse:
+        return web.Response(status=codes[min(n, len(codes)) - 1])
+
+    return answer
+
+
+def paced(delay: float) -> Behaviour:
     """A receiver behaviour that answers 200, with no body, after `delay` seconds."""
 
     async def answer(_request: web.Request, _n: int) -> web.StreamResponse:
