@@ -329,7 +329,7 @@ class Consumer:
             return
         task = self._tg.create_task(self._pipeline.process(message))
         self._tasks.add(task)
-        self._pipeline.waiting.add(task)
+        self._pipeline.waiting[message] = task
         task.add_done_callback(self._tasks.discard)
 
     def _acks_lost(self, count: int) -> None:
@@ -342,7 +342,7 @@ class Consumer:
 
     def _requeue_waiting(self) -> None:
         """Jobs that never got a concurrency slot go back to the queue at once."""
-        for task in list(self._pipeline.waiting):
+        for task in list(self._pipeline.waiting.values()):
             task.cancel()
 
     async def _drain(self) -> None:

@@ -57,9 +57,9 @@ class JobPipeline:
     """Takes the deliveries of one queue, within its concurrency limit, to their outcomes.
 
     The consumer sets `republisher` to the one on its current channel (a
-    reconnect brings a new channel) and adds each delivery's task to `waiting`
-    until the task gets a concurrency slot (a job waiting for its destination's
-    rate limit is still waiting); `in_flight` counts jobs in a handler.
+    reconnect brings a new channel) and puts each delivery's task in `waiting`
+    (by delivery) until it gets a concurrency slot (a job waiting for its
+    destination's rate limit is still waiting); `in_flight` counts jobs in a handler.
     """
 
     def __init__(
@@ -83,8 +83,8 @@ class JobPipeline:
         self.limiter = ResizableLimiter(worker.concurrency)
         self.stats = stats
         self.republisher: Republisher | None = None
-        self.waiting: set[asyncio.Task[None]] = set()
-        self._running: dict[asyncio.Task[None], float] = {}  # task -> when its try started
+        self.waiting: dict[Delivery, asyncio.Task[None]] = {}
+        self._running: dict[Delivery, float] = {}  # delivery -> when its try started
         self._acks = acks
         self._schedule = RetrySchedule.from_config(worker.retry)
         self._breakers = breakers
@@ -128,25 +128,23 @@ class JobPipeline:
 
     async def process(self, message: Delivery) -> None:
         """Take one delivery to its outcome and settle it (ack, or nack to return it)."""
-        task = asyncio.current_task()
-        assert task is not None
         try:
-            await self._process_message(message, task)
+            await self._process_message(message)
         except asyncio.CancelledError:
-            self.waiting.discard(task)
-            self._running.pop(task, None)
+            self.waiting.pop(message, None)
+            self._running.pop(message, None)
             await asyncio.shield(self._acks.nack(message))
             raise
         except Exception:
             log.exception("unexpected error handling a message from %s", self.queue)
             await self._acks.nack(message)
 
-    async def _process_message(self, message: Delivery, task: asyncio.Task[None]) -> None:
+    async def _process_message(self, message: Delivery) -> None:
         job_id = jobs.job_id_for(message.message_id, message.body)
         tries_before = count_header(message.headers, ATTEMPT_HEADER)
         ctx = JobContext(job_id=job_id, attempt=tries_before + 1, queue=self.queue)
         if message.redelivered and await self._handle_redelivery(message, ctx):
-            self.waiting.discard(task)
+            self.waiting.pop(message, None)
             return
         with self._tracer.attempt(
             kind=self.kind,
@@ -160,14 +158,12 @@ class JobPipeline:
         ) as trace:
             if trace is not NO_TRACE:
                 ctx = dataclasses.replace(ctx, trace=trace)
-            await self._run_attempt(message, ctx, task)
+            await self._run_attempt(message, ctx)
 
-    async def _run_attempt(
-        self, message: Delivery, ctx: JobContext, task: asyncio.Task[None]
-    ) -> None:
+    async def _run_attempt(self, message: Delivery, ctx: JobContext) -> None:
         job = self._decode(message)
         if isinstance(job, PermanentFailure):
-            self.waiting.discard(task)
+            self.waiting.pop(message, None)
             await self._settle_outcome(message, None, ctx, job, 0.0)
             return
         limits = self.handler.rate_limits
@@ -177,27 +173,28 @@ class JobPipeline:
             try:
                 turn = limits.admit(key)
             except Throttled as throttled:
-                self.waiting.discard(task)
+                self.waiting.pop(message, None)
                 await self._settle_outcome(message, job, ctx, throttled, 0.0)
                 return
             try:
                 if turn is not None:
                     await turn
-                result, duration = await self._run_in_slot(job, ctx, task)
+                result, duration = await self._run_in_slot(message, job, ctx)
             finally:
                 limits.done(key)
         else:
-            result, duration = await self._run_in_slot(job, ctx, task)
+            result, duration = await self._run_in_slot(message, job, ctx)
         await self._settle_outcome(message, job, ctx, result, duration)
 
     async def _run_in_slot(
-        self, job: Job, ctx: JobContext, task: asyncio.Task[None]
+        self, message: Delivery, job: Job, ctx: JobContext
     ) -> tuple[Exception | Delivered | None, float]:
         """One try within the queue's concurrency limit (a batching handler holds it itself)."""
         if self.handler.batching:
-            return await self._run_handler(job, dataclasses.replace(ctx, slot=self.limiter), task)
+            slotted = dataclasses.replace(ctx, slot=self.limiter)
+            return await self._run_handler(message, job, slotted)
         async with self.limiter:
-            return await self._run_handler(job, ctx, task)
+            return await self._run_handler(message, job, ctx)
 
     async def _handle_redelivery(self, message: Delivery, ctx: JobContext) -> bool:
         """Settle a redelivered message without running it, when that is the safe thing.
@@ -249,15 +246,15 @@ class JobPipeline:
         return True
 
     async def _run_handler(
-        self, job: Job, ctx: JobContext, task: asyncio.Task[None]
+        self, message: Delivery, job: Job, ctx: JobContext
     ) -> tuple[Exception | Delivered | None, float]:
         """One try, counted as in flight; its result and its duration."""
-        self.waiting.discard(task)
-        started = self._running[task] = time.monotonic()
+        self.waiting.pop(message, None)
+        started = self._running[message] = time.monotonic()
         try:
             result = await self._attempt(job, ctx)
         finally:
-            self._running.pop(task, None)
+            self._running.pop(message, None)
         return result, time.monotonic() - started
 
     def _decode(self, message: Delivery) -> Job | PermanentFailure:
