@@ -207,6 +207,36 @@ def test_a_handler_an_operator_adds_sees_every_job_line(stream: io.StringIO) -> 
     assert seen[1].getMessage().endswith("Bearer *** and refresh_token=***")
 
 
+def test_a_filter_on_the_job_logger_applies_and_the_record_names_its_source(
+    stream: io.StringIO,
+) -> None:
+    """The job line goes through Logger.handle: the logger's own filters decide, and the
+    record says where it comes from (the reporter), as one made by Logger.log would."""
+    seen: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    def successes_only(record: logging.LogRecord) -> bool:
+        return record.__dict__.get("outcome") == "success"
+
+    handler = Collect()
+    consumer = logging.getLogger("formcraftd.consumer")
+    consumer.addHandler(handler)
+    consumer.addFilter(successes_only)
+    try:
+        log_attempt(ATTEMPTS["retry"])
+        log_attempt(ATTEMPTS["success"])
+    finally:
+        consumer.removeFilter(successes_only)
+        consumer.removeHandler(handler)
+    [record] = seen
+    assert record.funcName == "log_attempt"
+    assert record.filename == "reporting.py" and record.module == "reporting"
+    assert record.lineno > 0 and record.levelname == "INFO"
+
+
 def test_pytest_log_capture_sees_the_job_line(
     stream: io.StringIO, caplog: pytest.LogCaptureFixture
 ) -> None:
