@@ -13,9 +13,8 @@ the redelivery, or this one restarted) delivery stays at least once.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-
-from cachetools import TTLCache
 
 _Key = tuple[str, int]
 
@@ -24,41 +23,53 @@ class SettledDeliveries:
     """(job id, tries before) pairs settled in the last `window_s` seconds, at most `size`.
 
     `size` 0 turns the memory off. Past `size` entries the oldest settled go first.
+    Entries are kept oldest first, so forgetting the expired ones only ever looks
+    at the front. (cachetools' TTLCache did this at three times the cost per
+    job: see BENCHMARKS.md.)
     """
 
     def __init__(
         self, *, window_s: float, size: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._clock = clock
-        # The value is when the delivery was settled, which a rebuild needs.
-        self._entries: TTLCache[_Key, float] = TTLCache(size, window_s, timer=clock)
+        self._window_s = window_s
+        self._size = size
+        self._entries: OrderedDict[_Key, float] = OrderedDict()  # key -> when settled
 
     def __len__(self) -> int:
+        self._expire(self._clock())
         return len(self._entries)
 
     def reconfigure(self, *, window_s: float, size: int) -> None:
         """Apply a new window and size; entries still inside the new window are kept.
 
-        A kept entry's window restarts with the rebuild (a cache's entries all
-        share one time-to-live), so it is forgotten within twice the window.
+        A smaller size keeps the most recently settled entries.
         """
-        old = self._entries
-        if old.ttl == window_s and old.maxsize == size:
-            return
-        now = self._clock()
-        # Oldest first, so a smaller size keeps the newest.
-        kept = sorted(
-            (settled_at, key) for key, settled_at in old.items() if now < settled_at + window_s
-        )
-        self._entries = TTLCache(size, window_s, timer=self._clock)
-        if size:
-            for settled_at, key in kept:
-                self._entries[key] = settled_at
+        self._window_s, self._size = window_s, size
+        self._expire(self._clock())
+        while len(self._entries) > size:
+            self._entries.popitem(last=False)
 
     def add(self, job_id: str, tries_before: int) -> None:
         """Remember that this delivery of the job was settled."""
-        if self._entries.maxsize:
-            self._entries[job_id, tries_before] = self._clock()
+        if not self._size:
+            return
+        now = self._clock()
+        entries = self._entries
+        key = (job_id, tries_before)
+        if key in entries:
+            entries.move_to_end(key)  # settled again: its window starts over
+        entries[key] = now
+        if len(entries) > self._size:
+            entries.popitem(last=False)
+        self._expire(now)
 
     def __contains__(self, key: _Key) -> bool:
-        return key in self._entries
+        settled_at = self._entries.get(key)
+        return settled_at is not None and self._clock() < settled_at + self._window_s
+
+    def _expire(self, now: float) -> None:
+        """Forget the entries whose window has ended (the oldest are at the front)."""
+        entries, oldest_kept = self._entries, now - self._window_s
+        while entries and next(iter(entries.values())) <= oldest_kept:
+            entries.popitem(last=False)
