@@ -11,6 +11,7 @@ applies. A rate of 0 means no limit.
 from __future__ import annotations
 
 import functools
+from typing import TypedDict
 
 from formcraftd.core.config import RateLimitConfig, WebhookWorkerConfig
 from formcraftd.core.ratelimits import DestinationLimits, Rate, RateOf
@@ -59,11 +60,19 @@ def _rate(per_second: float, burst: int) -> Rate | None:
     return Rate(per_second, burst) if per_second > 0 else None
 
 
-def destination_limits(config: WebhookWorkerConfig) -> DestinationLimits:
-    """The destination limits of a webhook worker with `config`."""
+class _Settings(TypedDict):
+    """What a webhook worker's config sets on its destination limits, besides the rates."""
+
+    max_wait_s: float
+    max_waiting: int
+    recovery_s: float
+    limited: bool
+    max_in_flight: int
+
+
+def _settings(config: WebhookWorkerConfig) -> _Settings:
     limits = config.rate_limit
-    return DestinationLimits(
-        rate_of(limits),
+    return _Settings(
         max_wait_s=limits.max_wait_ms / 1000,
         max_waiting=config.concurrency,
         recovery_s=limits.recovery_s,
@@ -72,14 +81,11 @@ def destination_limits(config: WebhookWorkerConfig) -> DestinationLimits:
     )
 
 
+def destination_limits(config: WebhookWorkerConfig) -> DestinationLimits:
+    """The destination limits of a webhook worker with `config`."""
+    return DestinationLimits(rate_of(config.rate_limit), **_settings(config))
+
+
 def reconfigure_limits(limits: DestinationLimits, config: WebhookWorkerConfig) -> None:
     """Apply a reloaded section's rates to `limits`."""
-    section = config.rate_limit
-    limits.reconfigure(
-        rate_of(section),
-        max_wait_s=section.max_wait_ms / 1000,
-        max_waiting=config.concurrency,
-        recovery_s=section.recovery_s,
-        limited=_limited(section),
-        max_in_flight=section.max_in_flight,
-    )
+    limits.reconfigure(rate_of(config.rate_limit), **_settings(config))
