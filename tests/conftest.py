@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import aio_pika
 import pytest
@@ -13,6 +14,9 @@ import pytest
 from formcraftd.core import config
 from formcraftd.daemon import Daemon
 from tests.support import AMQP_URL, VHOST, Behaviour, Broker, Names, Receiver, ok, rabbitmqctl
+
+if TYPE_CHECKING:
+    from tests.support.tracing import Collector, Traced
 
 WHOLE_BROKER_TESTS = "FORMCRAFTD_WHOLE_BROKER_TESTS"
 
@@ -135,3 +139,24 @@ async def start_daemon(amqp: Broker) -> AsyncIterator[DaemonFactory]:
             daemon.request_shutdown()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[Traced]:
+    """An OpenTelemetry tracer exporting to memory, free of the machine's OTEL_* settings;
+    shut down afterwards. (Imported here: OpenTelemetry is an optional extra.)"""
+    from tests.support.tracing import Traced, clean_environment  # noqa: PLC0415
+
+    clean_environment(monkeypatch)
+    traced = Traced.start()
+    yield traced
+    traced.tracer.shutdown()
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    """A stand-in OpenTelemetry collector on 127.0.0.1 (OTLP/HTTP); stopped afterwards."""
+    from tests.support.tracing import running_collector  # noqa: PLC0415
+
+    async with running_collector() as collector:
+        yield collector

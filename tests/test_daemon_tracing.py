@@ -6,11 +6,8 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import Any
 
 import pytest
-from aiohttp import web
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -24,6 +21,7 @@ from formcraftd.daemon import Daemon
 from formcraftd.ops import tracing
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, sequence, webhook_job
+from tests.support.tracing import Collector, clean_environment
 
 pytestmark = pytest.mark.e2e
 
@@ -68,8 +66,7 @@ class Spans:
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spans]:
     """A tracer exporting to memory (the machine's OTEL_* variables do not apply)."""
-    for name in ("OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_PROPAGATORS"):
-        monkeypatch.delenv(name, raising=False)
+    clean_environment(monkeypatch)
     spans = Spans()
     yield spans
     spans.tracer.shutdown()
@@ -233,43 +230,6 @@ async def test_a_replayed_dead_letter_continues_the_trace_linked_to_its_last_att
     assert replayed.attributes["formcraftd.job.outcome"] == "success"
 
 
-class Collector:
-    """A stand-in for an OpenTelemetry collector on loopback: POST /v1/traces (protobuf)."""
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-        self.resources: list[dict[str, str]] = []
-        self.changed = asyncio.Condition()
-        self.port = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        export = ExportTraceServiceRequest.FromString(await request.read())
-        for resource_spans in export.resource_spans:
-            attributes = resource_spans.resource.attributes
-            self.resources.append({a.key: a.value.string_value for a in attributes})
-            for scope_spans in resource_spans.scope_spans:
-                self.spans.extend(scope_spans.spans)
-        async with self.changed:
-            self.changed.notify_all()
-        return web.Response(content_type="application/x-protobuf", body=b"")
-
-
-@pytest.fixture
-async def collector() -> AsyncIterator[Collector]:
-    """A running collector on 127.0.0.1; stopped afterwards."""
-    collector = Collector()
-    app = web.Application()
-    app.router.add_post("/v1/traces", collector.handle)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        collector.port = runner.addresses[0][1]
-        yield collector
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_daemon_with_tracing_enabled_exports_over_otlp_http(
     names: Names,
     amqp: Broker,
@@ -280,8 +240,7 @@ async def test_a_daemon_with_tracing_enabled_exports_over_otlp_http(
 ) -> None:
     """[tracing] enabled and OTEL_EXPORTER_OTLP_ENDPOINT: the attempt and the request
     reach the collector in the app's trace, under the service name of OTEL_SERVICE_NAME."""
-    for name in ("OTEL_TRACES_SAMPLER", "OTEL_PROPAGATORS", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    clean_environment(monkeypatch)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.port}")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "formcraftd-e2e")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # export within 50 ms

@@ -5,77 +5,28 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiohttp import web
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from formcraftd.core import config
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
-from formcraftd.core.tracing import NO_TRACE, NO_TRACER, PREVIOUS_ATTEMPT_HEADER, AttemptTrace
+from formcraftd.core.tracing import NO_TRACE, NO_TRACER, PREVIOUS_ATTEMPT_HEADER
 from formcraftd.daemon import check_config
 from formcraftd.ops import tracing
-from formcraftd.ops.tracing import OtelTracer
+from tests.support import tracing as support
+from tests.support.tracing import Collector, Traced
 
 APP_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 APP_SPAN_ID = "00f067aa0ba902b7"
 APP_TRACEPARENT = f"00-{APP_TRACE_ID}-{APP_SPAN_ID}-01"
-OTEL_VARIABLES = (
-    "OTEL_SERVICE_NAME",
-    "OTEL_RESOURCE_ATTRIBUTES",
-    "OTEL_TRACES_SAMPLER",
-    "OTEL_TRACES_SAMPLER_ARG",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_PROPAGATORS",
-    "OTEL_SDK_DISABLED",
-)
-
-
-@dataclass
-class Traced:
-    """A tracer whose spans end up in memory."""
-
-    tracer: OtelTracer
-    exporter: InMemorySpanExporter
-
-    def spans(self) -> list[ReadableSpan]:
-        return list(self.exporter.get_finished_spans())
-
-    def attempt(self, headers: dict[str, Any] | None, attempt: int = 1) -> AttemptTrace:
-        return self.tracer.attempt(
-            kind="webhook",
-            queue="webhook_tasks",
-            job_id="job-1",
-            attempt=attempt,
-            message_id="msg-1",
-            delivery_tag=7,
-            body_size=123,
-            headers=headers,
-        )
 
 
 @pytest.fixture
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No OTEL_* variable (nor proxy) of the machine running the tests applies."""
-    for name in (*OTEL_VARIABLES, "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def traced(clean_environment: None) -> Iterator[Traced]:
-    """An OpenTelemetry tracer exporting to memory; shut down afterwards."""
-    exporter = InMemorySpanExporter()
-    tracer = tracing.start(SimpleSpanProcessor(exporter))
-    yield Traced(tracer, exporter)
-    tracer.shutdown()
+    support.clean_environment(monkeypatch)
 
 
 def hex_id(value: int, digits: int) -> str:
@@ -237,27 +188,17 @@ def test_attributes_are_not_built_for_a_span_the_sampler_drops(
 ) -> None:
     """OTEL_TRACES_SAMPLER=always_off: nothing recorded, and `describe` is never called."""
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
-    exporter = InMemorySpanExporter()
-    tracer = tracing.start(SimpleSpanProcessor(exporter))
+    traced = Traced.start()
 
     def describe() -> dict[str, str]:
         raise AssertionError("describe called for a span that is not recorded")
 
     headers: dict[str, str] = {}
-    attempt = tracer.attempt(
-        kind="webhook",
-        queue="q",
-        job_id="j",
-        attempt=1,
-        message_id=None,
-        delivery_tag=1,
-        body_size=0,
-        headers=None,
-    )
+    attempt = traced.attempt()
     with attempt, attempt.client("POST", describe, carrier=headers):
         pass
-    tracer.shutdown()
-    assert not exporter.get_finished_spans()
+    traced.tracer.shutdown()
+    assert not traced.spans()
     flags = int(headers["traceparent"].rsplit("-", 1)[1], 16)
     assert not flags & 1  # the receiver is told the trace is not sampled
 
@@ -321,36 +262,6 @@ def test_tracing_enabled_without_the_extra_is_a_config_error(
 
 
 # --- OTLP/HTTP to a collector on loopback ------------------------------------------------
-
-
-@dataclass
-class Collector:
-    """A stand-in for an OpenTelemetry collector: POST /v1/traces, protobuf bodies."""
-
-    port: int = 0
-    requests: list[ExportTraceServiceRequest] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        assert request.content_type == "application/x-protobuf"
-        self.requests.append(ExportTraceServiceRequest.FromString(await request.read()))
-        return web.Response(content_type="application/x-protobuf", body=b"")
-
-
-@pytest.fixture
-async def collector() -> AsyncIterator[Collector]:
-    """A running collector on 127.0.0.1; stopped afterwards."""
-    collector = Collector()
-    app = web.Application()
-    app.router.add_post("/v1/traces", collector.handle)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        collector.port = runner.addresses[0][1]
-        yield collector
-    finally:
-        await runner.cleanup()
 
 
 async def test_spans_are_exported_over_otlp_http_as_the_environment_says(

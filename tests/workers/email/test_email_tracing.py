@@ -3,42 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from formcraftd.core.errors import RetryLater
 from formcraftd.core.handler import JobContext
-from formcraftd.ops import tracing
-from formcraftd.ops.tracing import OtelTracer
 from tests.support.smtp import HandlerFactory, SmtpServer, email_job, job_context
+from tests.support.tracing import Traced
 
 pytestmark = [pytest.mark.email]
 
 
-@pytest.fixture
-def traced() -> Iterator[tuple[OtelTracer, InMemorySpanExporter]]:
-    """A tracer exporting to memory; shut down afterwards."""
-    exporter = InMemorySpanExporter()
-    tracer = tracing.start(SimpleSpanProcessor(exporter))
-    yield tracer, exporter
-    tracer.shutdown()
-
-
-def traced_context(tracer: OtelTracer) -> JobContext:
+def traced_context(traced: Traced) -> JobContext:
     ctx = job_context()
-    trace = tracer.attempt(
-        kind="email",
-        queue=ctx.queue,
-        job_id=ctx.job_id,
-        attempt=1,
-        message_id=None,
-        delivery_tag=1,
-        body_size=0,
-        headers=None,
+    trace = traced.attempt(
+        kind="email", queue=ctx.queue, job_id=ctx.job_id, message_id=None, delivery_tag=1
     )
     return dataclasses.replace(ctx, trace=trace)
 
@@ -46,15 +26,14 @@ def traced_context(tracer: OtelTracer) -> JobContext:
 async def test_an_smtp_send_is_a_client_span_naming_the_relay_and_no_address(
     smtp_server: SmtpServer,
     make_handler: HandlerFactory,
-    traced: tuple[OtelTracer, InMemorySpanExporter],
+    traced: Traced,
 ) -> None:
     """The span has the relay's host and port and the recipient count, never an address."""
-    tracer, exporter = traced
     handler = await make_handler(smtp_server)
-    ctx = traced_context(tracer)
+    ctx = traced_context(traced)
     with ctx.trace:
         await handler.handle(email_job(), ctx)
-    send, attempt = exporter.get_finished_spans()
+    send, attempt = traced.spans()
     assert send.name == "smtp send"
     assert send.kind is SpanKind.CLIENT
     assert send.parent is not None
@@ -68,14 +47,13 @@ async def test_an_smtp_send_is_a_client_span_naming_the_relay_and_no_address(
 
 
 async def test_an_unreachable_relay_marks_the_span_with_the_error_code(
-    make_handler: HandlerFactory, traced: tuple[OtelTracer, InMemorySpanExporter]
+    make_handler: HandlerFactory, traced: Traced
 ) -> None:
     """Connection refused: the span's error.type is SMTP_CONNECTION."""
-    tracer, exporter = traced
     handler = await make_handler(None)
-    ctx = traced_context(tracer)
+    ctx = traced_context(traced)
     with pytest.raises(RetryLater), ctx.trace:
         await handler.handle(email_job(), ctx)
-    send, _attempt = exporter.get_finished_spans()
+    send, _attempt = traced.spans()
     assert send.attributes is not None
     assert send.attributes["error.type"] == "SMTP_CONNECTION"

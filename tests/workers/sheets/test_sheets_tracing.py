@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from formcraftd.core import jobs
@@ -16,21 +14,11 @@ from formcraftd.core.config import SheetsWorkerConfig
 from formcraftd.core.handler import JobContext
 from formcraftd.core.jobs import SheetsJob
 from formcraftd.core.limits import ResizableLimiter
-from formcraftd.ops import tracing
-from formcraftd.ops.tracing import OtelTracer
 from formcraftd.workers.sheets.handler import SheetsHandler
 from tests.support.google import FakeGoogle, sheets_job_body
+from tests.support.tracing import Traced
 
 pytestmark = [pytest.mark.sheets, pytest.mark.timeout(30)]
-
-
-@pytest.fixture
-def traced() -> Iterator[tuple[OtelTracer, InMemorySpanExporter]]:
-    """A tracer exporting to memory; shut down afterwards."""
-    exporter = InMemorySpanExporter()
-    tracer = tracing.start(SimpleSpanProcessor(exporter))
-    yield tracer, exporter
-    tracer.shutdown()
 
 
 @pytest.fixture
@@ -51,11 +39,10 @@ async def handler() -> AsyncIterator[tuple[SheetsHandler, FakeGoogle]]:
 
 
 async def test_a_batched_call_is_one_span_linked_to_every_job_it_writes(
-    handler: tuple[SheetsHandler, FakeGoogle], traced: tuple[OtelTracer, InMemorySpanExporter]
+    handler: tuple[SheetsHandler, FakeGoogle], traced: Traced
 ) -> None:
     """Three jobs, one values.append: a child of the first attempt, linked to the other two."""
     sheets, google = handler
-    tracer, exporter = traced
     refresh, access, expiry = google.add_user()
     slot = ResizableLimiter(3)
 
@@ -64,25 +51,18 @@ async def test_a_batched_call_is_one_span_linked_to_every_job_it_writes(
             sheets_job_body(refresh_token=refresh, access_token=access, expiry_ms=expiry)
         )
         assert isinstance(decoded, SheetsJob)
-        trace = tracer.attempt(
-            kind="sheets",
-            queue="q",
-            job_id=f"job-{n}",
-            attempt=1,
-            message_id=None,
-            delivery_tag=n,
-            body_size=0,
-            headers=None,
+        trace = traced.attempt(
+            kind="sheets", queue="q", job_id=f"job-{n}", message_id=None, delivery_tag=n
         )
         with trace:
             await sheets.handle(decoded, JobContext(f"job-{n}", 1, "q", slot, trace))
 
     await asyncio.gather(*(run(n) for n in range(3)))
     assert len(google.calls) == 1
-    [call] = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    [call] = [s for s in traced.spans() if s.kind is SpanKind.CLIENT]
     attempts = {
         s.attributes["formcraftd.job.id"]: s.context.span_id
-        for s in exporter.get_finished_spans()
+        for s in traced.spans()
         if s.kind is SpanKind.CONSUMER and s.attributes
     }
     assert call.name == "sheets values.append"
