@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from formcraftd.core.config import WebhookTlsConfig
+
 CLIENT_NAME = "formcraftd-test-client"
 
 
@@ -33,6 +35,18 @@ class Pki:
     client_key: Path
     other_ca_cert: Path  # a second CA that signed nothing here
     encrypted_client_key: Path  # client_key, encrypted with a password
+
+    def client_entry(
+        self, host: str = "127.0.0.1", ca_file: Path | None = None
+    ) -> WebhookTlsConfig:
+        """A `[[workers.webhook.tls]]` entry giving `host` the client certificate and key,
+        trusting the test CA (or `ca_file`)."""
+        return WebhookTlsConfig(
+            host=host,
+            client_cert=str(self.client_cert),
+            client_key=str(self.client_key),
+            ca_file=str(ca_file or self.ca_cert),
+        )
 
     def server_context(self) -> ssl.SSLContext:
         """A server context that requires a client certificate signed by the CA."""

@@ -121,12 +121,7 @@ async def test_client_certificate_and_private_ca_deliver(
     pki: Pki, tls_receiver: TlsReceiver
 ) -> None:
     """With the entry's client certificate and CA bundle, the mTLS receiver gets the request."""
-    entry = WebhookTlsConfig(
-        host="127.0.0.1",
-        client_cert=str(pki.client_cert),
-        client_key=str(pki.client_key),
-        ca_file=str(pki.ca_cert),
-    )
+    entry = pki.client_entry()
     await deliver(config_with(entry), tls_receiver.url())
     assert tls_receiver.clients == [CLIENT_NAME]
 
@@ -147,12 +142,7 @@ async def test_without_a_client_certificate_the_receiver_refuses(
 
 async def test_client_certificate_works_over_tls12(pki: Pki, tls12_receiver: TlsReceiver) -> None:
     """The client certificate is presented in a TLS 1.2 handshake too."""
-    entry = WebhookTlsConfig(
-        host="127.0.0.1",
-        client_cert=str(pki.client_cert),
-        client_key=str(pki.client_key),
-        ca_file=str(pki.ca_cert),
-    )
+    entry = pki.client_entry()
     await deliver(config_with(entry), tls12_receiver.url())
     assert tls12_receiver.clients == [CLIENT_NAME]
 
@@ -170,12 +160,7 @@ async def test_another_ca_bundle_does_not_trust_the_server(
     pki: Pki, tls_receiver: TlsReceiver
 ) -> None:
     """ca_file replaces the trusted CAs: a bundle without the server's CA fails the check."""
-    entry = WebhookTlsConfig(
-        host="127.0.0.1",
-        client_cert=str(pki.client_cert),
-        client_key=str(pki.client_key),
-        ca_file=str(pki.other_ca_cert),
-    )
+    entry = pki.client_entry(ca_file=pki.other_ca_cert)
     with pytest.raises(RetryLater) as caught:
         await deliver(config_with(entry), tls_receiver.url())
     assert caught.value.code == "TLS_ERROR"
@@ -183,12 +168,7 @@ async def test_another_ca_bundle_does_not_trust_the_server(
 
 async def test_an_entry_for_another_host_is_not_used(pki: Pki, tls_receiver: TlsReceiver) -> None:
     """The entry of another host leaves this one with the defaults (and so no client cert)."""
-    entry = WebhookTlsConfig(
-        host="hooks.example.com",
-        client_cert=str(pki.client_cert),
-        client_key=str(pki.client_key),
-        ca_file=str(pki.ca_cert),
-    )
+    entry = pki.client_entry("hooks.example.com")
     with pytest.raises(RetryLater) as caught:
         await deliver(config_with(entry), tls_receiver.url())
     assert caught.value.code == "TLS_ERROR"
@@ -201,12 +181,7 @@ async def test_a_reload_adds_the_client_certificate(pki: Pki, tls_receiver: TlsR
     try:
         with pytest.raises(RetryLater):
             await handler.handle(job(tls_receiver.url()), ctx())
-        entry = WebhookTlsConfig(
-            host="127.0.0.1",
-            client_cert=str(pki.client_cert),
-            client_key=str(pki.client_key),
-            ca_file=str(pki.ca_cert),
-        )
+        entry = pki.client_entry()
         handler.reconfigure(config_with(entry))
         await handler.handle(job(tls_receiver.url()), ctx())
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from formcraftd.core.config import WebhookTlsConfig, WebhookWorkerConfig, parse
+from formcraftd.core.config import WebhookWorkerConfig, parse
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryLater
 from formcraftd.workers.webhook import WebhookHandler
 from formcraftd.workers.webhook.egress import EgressProxy
@@ -179,12 +179,7 @@ async def test_https_is_tunnelled_with_connect_and_keeps_its_tls_settings(
     proxy_server: ProxyServer, tls_receiver: Receiver, pki: Pki
 ) -> None:
     """An https:// webhook goes through a CONNECT tunnel, with the host's client certificate."""
-    entry = WebhookTlsConfig(
-        host="127.0.0.1",
-        client_cert=str(pki.client_cert),
-        client_key=str(pki.client_key),
-        ca_file=str(pki.ca_cert),
-    )
+    entry = pki.client_entry()
     url = f"https://127.0.0.1:{tls_receiver.port}/tunnelled"
     await deliver(config(proxy_server.url(), tls=(entry,)), url)
     assert [seen.path for seen in tls_receiver.seen] == ["/tunnelled"]
@@ -201,12 +196,7 @@ async def test_the_proxy_credentials_never_reach_the_destination(
     proxy.py strips Proxy-Authorization only from the first request of a
     connection, so plain http gets a fresh proxy connection per request.
     """
-    entry = WebhookTlsConfig(
-        host="127.0.0.1",
-        client_cert=str(pki.client_cert),
-        client_key=str(pki.client_key),
-        ca_file=str(pki.ca_cert),
-    )
+    entry = pki.client_entry()
     target = receiver if scheme == "http" else tls_receiver
     handler = await started_handler(config(proxy_server.url(), tls=(entry,)))
     try:
