@@ -14,6 +14,7 @@ import pytest
 from formcraftd.core import config
 from formcraftd.daemon import Daemon
 from tests.support import AMQP_URL, VHOST, Behaviour, Broker, Names, Receiver, ok, rabbitmqctl
+from tests.support.events import EventTap
 
 if TYPE_CHECKING:
     from tests.support.tracing import Collector, Traced
@@ -160,3 +161,17 @@ async def collector() -> AsyncIterator[Collector]:
 
     async with running_collector() as collector:
         yield collector
+
+
+@pytest.fixture
+async def tap(names: Names, amqp: Broker) -> AsyncIterator[EventTap]:
+    """A queue bound to the test's events exchange (declared here), collecting every event."""
+    channel = await amqp.connection.channel()
+    exchange = await channel.declare_exchange(
+        f"{names.prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key="#")
+    yield EventTap(queue)
+    await channel.exchange_delete(f"{names.prefix}.events")
+    await channel.close()

@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,11 @@ import msgspec
 import orjson
 import pamqp.frame
 import pytest
-from aio_pika.abc import AbstractQueue
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
 
 from formcraftd.amqp import events as events_module
 from formcraftd.amqp.confirms import ConfirmingPublisher
-from formcraftd.amqp.events import EventPublisher
-from formcraftd.core.config import BrokerConfig, Config, EventsConfig
-from formcraftd.core.events import DeliveryEvent, Event, TokenRefreshedEvent, now, routing_key
+from formcraftd.core.events import TokenRefreshedEvent, now, routing_key
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import (
     AMQP_URL,
@@ -34,65 +29,29 @@ from tests.support import (
     Names,
     TcpProxy,
     amqp_url,
-    make_config,
     paced,
     rabbitmqctl,
     webhook_job,
 )
+from tests.support.events import (
+    EventTap,
+    Publishing,
+    StubConnection,
+    delivery,
+    events_config,
+    publish_when_routed,
+    publishing,
+    publishing_batch,
+    tail_config,
+)
 from tests.support.google import CLIENT_SECRET, Failure, FakeGoogle, sheets_job_body
-from tests.support.process import free_port, run_cli, write_config
+from tests.support.process import run_cli
 from tests.support.smtp import SmtpServer, email_payload, running_servers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 SECRET = "whsec_ZXZlbnRzLXRlc3Qtc2VjcmV0"
 SMTP_PASSWORD = "smtp-password-never-in-events"
-
-
-class EventTap:
-    """A test queue bound to the events exchange, collecting every event."""
-
-    def __init__(self, queue: AbstractQueue) -> None:
-        self.queue = queue
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.raw: list[bytes] = []
-
-    async def wait(self, count: int, timeout: float = 20) -> list[tuple[str, dict[str, Any]]]:
-        deadline = time.monotonic() + timeout
-        while len(self.events) < count:
-            message = await self.queue.get(no_ack=True, fail=False)
-            if message is None:
-                assert time.monotonic() < deadline, f"only {len(self.events)} events: {self.events}"
-                await asyncio.sleep(0.05)
-                continue
-            self.raw.append(message.body)
-            self.events.append((message.routing_key or "", orjson.loads(message.body)))
-        return self.events
-
-    async def quiet(self, seconds: float = 0.5) -> None:
-        """Collect whatever else arrives within `seconds`."""
-        await asyncio.sleep(seconds)
-        while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
-            self.raw.append(message.body)
-            self.events.append((message.routing_key or "", orjson.loads(message.body)))
-
-
-@pytest.fixture
-async def tap(names: Names, amqp: Broker) -> AsyncIterator[EventTap]:
-    channel = await amqp.connection.channel()
-    exchange = await channel.declare_exchange(
-        f"{names.prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(exchange, routing_key="#")
-    yield EventTap(queue)
-    await channel.exchange_delete(f"{names.prefix}.events")
-    await channel.close()
-
-
-def events_config(names: Names, **sections: dict[str, Any]) -> Config:
-    events = {"enabled": True, "exchange": f"{names.prefix}.events"}
-    return make_config(names, events=events, **sections)
 
 
 def status(code: int):  # type: ignore[no-untyped-def]
@@ -296,15 +255,6 @@ async def _memory_high_watermark() -> list[str]:
     return [str(value)] if kind == "relative" else ["absolute", str(value)]
 
 
-def tail_config(tmp_path: Path, names: Names, *, enabled: bool) -> Path:
-    """A config file for `events tail`: the test's exchange, events on or off."""
-    config_file = write_config(tmp_path / "config.toml", names, port=free_port())
-    with config_file.open("a") as file:
-        on = str(enabled).lower()
-        file.write(f'[events]\nenabled = {on}\nexchange = "{names.prefix}.events"\n')
-    return config_file
-
-
 async def test_events_tail_prints_events_as_they_arrive(
     tmp_path: Path,
     names: Names,
@@ -365,16 +315,9 @@ async def test_events_tail_with_events_off_tails_an_exchange_that_exists(
                 run_cli, "events", "tail", "--count", "1", "--config", str(config_file)
             )
         )
-        deadline = time.monotonic() + 20
-        while True:  # returned as unroutable until the tail's queue is bound
-            try:
-                await exchange.publish(
-                    aio_pika.Message(b'{"kind": "webhook"}'), "webhook.succeeded", mandatory=True
-                )
-                break
-            except aio_pika.exceptions.DeliveryError:
-                assert time.monotonic() < deadline, "the tail never bound its queue"
-                await asyncio.sleep(0.1)
+        await publish_when_routed(
+            exchange, aio_pika.Message(b'{"kind": "webhook"}'), "webhook.succeeded"
+        )
         result = await asyncio.wait_for(tail, 30)
     finally:
         await channel.exchange_delete(f"{names.prefix}.events")
@@ -430,60 +373,6 @@ async def test_the_events_of_jobs_finished_during_shutdown_are_published(
 
 
 # --- the publisher itself, against the real broker -----------------------------------
-
-
-class Publishing:
-    """A running `EventPublisher` of its own, with its own dropped-events counter."""
-
-    def __init__(self, names: Names, url: str, events_per_message: int = 1) -> None:
-        self.registry = CollectorRegistry()
-        dropped = Counter("formcraftd_events_dropped", "test", registry=self.registry)
-        events = EventsConfig(
-            enabled=True, exchange=f"{names.prefix}.events", events_per_message=events_per_message
-        )
-        self.publisher = EventPublisher(
-            events,
-            BrokerConfig(url=url),
-            dropped,
-        )
-
-    def dropped(self) -> float:
-        return self.registry.get_sample_value("formcraftd_events_dropped_total") or 0.0
-
-    async def emit(self, *events: Event, timeout: float = 30) -> None:
-        """Emit `events` and wait until each is published or dropped."""
-        for event in events:
-            self.publisher.emit(event)
-        async with asyncio.timeout(timeout):
-            await self.publisher.drained()
-
-
-@contextlib.asynccontextmanager
-async def publishing(
-    names: Names, url: str = AMQP_URL, events_per_message: int = 1
-) -> AsyncIterator[Publishing]:
-    running = Publishing(names, url, events_per_message)
-    task = asyncio.create_task(running.publisher.run())
-    try:
-        yield running
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def delivery(n: int, **fields: Any) -> DeliveryEvent:
-    defaults: dict[str, Any] = {
-        "kind": "webhook",
-        "outcome": "succeeded",
-        "job_id": f"job-{n}",
-        "queue": "webhook_tasks",
-        "form_id": "form-1",
-        "submission_id": str(n),
-        "attempt": 1,
-        "at": now(),
-    }
-    return DeliveryEvent(**(defaults | fields))
 
 
 async def test_events_go_out_with_their_properties(names: Names, tap: EventTap) -> None:
@@ -616,32 +505,6 @@ async def _close_connections_through(proxy: TcpProxy) -> None:
         await rabbitmqctl.run_async(
             "close_connection", pid, "test: the events connection goes away"
         )
-
-
-class StubConnection:
-    """Takes what a publisher writes; confirms come only when a test hands them over."""
-
-    frame_max = 131_072
-
-    def __init__(self) -> None:
-        self.written = b""
-
-    def write(self, frames: bytes) -> None:
-        self.written += frames
-
-    async def drain(self) -> None:
-        return None
-
-
-async def publishing_batch(
-    publisher: ConfirmingPublisher, count: int, within_s: float = 5.0
-) -> asyncio.Task[int]:
-    """A batch of `count` messages written and waiting for its confirms."""
-    messages = [("webhook.succeeded", b"{}", f"{n:032x}") for n in range(count)]
-    task = asyncio.create_task(publisher.publish(messages, within_s))
-    await asyncio.sleep(0)
-    assert not task.done()
-    return task
 
 
 async def test_confirms_in_any_order_count_each_ack_once() -> None:

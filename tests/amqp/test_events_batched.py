@@ -16,19 +16,18 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from formcraftd.amqp.confirms import ConfirmingPublisher, Outgoing
 from formcraftd.core.events import BATCH_HEADER, Event, routing_key, schema
-from tests.amqp.test_events import (
+from tests.conftest import DaemonFactory, ReceiverFactory
+from tests.support import Broker, Names, make_config, status, webhook_job
+from tests.support.events import (
     EventTap,
     StubConnection,
     delivery,
     events_config,
+    publish_when_routed,
     publishing,
     publishing_batch,
-    status,
     tail_config,
-    tap,  # noqa: F401
 )
-from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, webhook_job
 from tests.support.process import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
@@ -55,7 +54,7 @@ def interleaved(count: int) -> list[Event]:
 
 async def test_one_event_per_message_by_default(
     names: Names,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
 ) -> None:
     """`events_per_message = 1`: the body is the event's object, no batch header."""
     async with publishing(names) as running:
@@ -67,7 +66,7 @@ async def test_one_event_per_message_by_default(
 
 async def test_events_go_out_as_arrays_grouped_by_routing_key_in_emit_order(
     names: Names,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
 ) -> None:
     """25 events of two routing keys, 10 a message: arrays of at most 10, one key each,
     in the order emitted, the header counting them, each with a message id of its own."""
@@ -93,7 +92,7 @@ async def test_events_go_out_as_arrays_grouped_by_routing_key_in_emit_order(
 async def test_a_binding_on_one_routing_key_gets_only_its_arrays(
     names: Names,
     amqp: Broker,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
 ) -> None:
     channel = await amqp.connection.channel()
     emails = await channel.declare_queue(exclusive=True)
@@ -110,7 +109,7 @@ async def test_a_binding_on_one_routing_key_gets_only_its_arrays(
 
 async def test_one_event_is_still_an_array(
     names: Names,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
 ) -> None:
     """With events_per_message > 1 every body is an array, so the app parses one form."""
     async with publishing(names, events_per_message=10) as running:
@@ -123,7 +122,7 @@ async def test_one_event_is_still_an_array(
 async def test_a_refused_message_drops_and_counts_every_event_in_it(
     names: Names,
     amqp: Broker,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
 ) -> None:
     """A queue that takes one message nacks the rest: 10 events published, 15 dropped."""
     channel = await amqp.connection.channel()
@@ -140,7 +139,7 @@ async def test_a_refused_message_drops_and_counts_every_event_in_it(
 async def test_an_array_to_a_deleted_exchange_is_dropped_whole(
     names: Names,
     amqp: Broker,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
 ) -> None:
     """The channel closes on the publish: all 5 events of the array count as dropped, and
     the next batch goes out once the exchange is declared again."""
@@ -159,7 +158,7 @@ async def test_an_array_to_a_deleted_exchange_is_dropped_whole(
 async def test_the_daemon_publishes_arrays_when_configured(
     names: Names,
     amqp: Broker,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
     receiver_factory: ReceiverFactory,
     start_daemon: DaemonFactory,
 ) -> None:
@@ -208,14 +207,7 @@ async def test_events_tail_prints_one_line_per_event_of_an_array(
                 run_cli, "events", "tail", "--count", "4", "--config", str(config_file)
             )
         )
-        deadline = time.monotonic() + 20
-        while True:  # returned as unroutable until the tail's queue is bound
-            try:
-                await exchange.publish(batch, WEBHOOK, mandatory=True)
-                break
-            except aio_pika.exceptions.DeliveryError:
-                assert time.monotonic() < deadline, "the tail never bound its queue"
-                await asyncio.sleep(0.1)
+        await publish_when_routed(exchange, batch, WEBHOOK)
         await exchange.publish(aio_pika.Message(b'{"job_id": "d"}'), WEBHOOK, mandatory=True)
         result = await asyncio.wait_for(tail, 30)
     finally:

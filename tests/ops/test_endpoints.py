@@ -10,9 +10,9 @@ from aiohttp import web
 from formcraftd.core.breakers import CircuitBreaker
 from formcraftd.core.events import EndpointFailingEvent, EndpointRecoveredEvent, Event
 from formcraftd.ops.endpoints import EndpointHealth, host_and_port
-from tests.amqp.test_events import EventTap, events_config, status, tap  # noqa: F401
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, webhook_job
+from tests.support import Broker, Names, status, webhook_job
+from tests.support.events import EventTap, events_config
 
 
 def test_breaker_keys_give_host_and_port() -> None:
@@ -69,7 +69,7 @@ def test_other_breakers_publish_nothing() -> None:
 async def test_a_failing_destination_is_published_then_its_recovery(
     names: Names,
     amqp: Broker,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
     receiver_factory: ReceiverFactory,
     start_daemon: DaemonFactory,
 ) -> None:
@@ -107,7 +107,7 @@ async def test_a_failing_destination_is_published_then_its_recovery(
 async def test_a_410_publishes_endpoint_gone_with_the_url_masked(
     names: Names,
     amqp: Broker,
-    tap: EventTap,  # noqa: F811
+    tap: EventTap,
     receiver_factory: ReceiverFactory,
     start_daemon: DaemonFactory,
 ) -> None:
