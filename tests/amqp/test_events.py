@@ -46,7 +46,7 @@ from tests.support.events import (
 )
 from tests.support.google import CLIENT_SECRET, Failure, FakeGoogle, sheets_job_body
 from tests.support.process import run_cli
-from tests.support.smtp import SmtpServer, email_payload, running_servers
+from tests.support.smtp import SmtpServer, email_body, running_servers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -153,11 +153,11 @@ async def test_email_events_and_no_smtp_password(
         server.script.rcpt["busy@example.com"] = ["452 4.2.2 mailbox full", "250 ok"]
         await start_daemon(cfg)
         queue = cfg.workers.email.queue
-        await amqp.publish(queue, orjson.dumps(email_payload(["gone@example.com"])))
+        await amqp.publish(queue, email_body("gone@example.com"))
         await tap.wait(1)
-        await amqp.publish(queue, orjson.dumps(email_payload(["owner@example.com"])))
+        await amqp.publish(queue, email_body("owner@example.com"))
         await tap.wait(2)
-        await amqp.publish(queue, orjson.dumps(email_payload(["busy@example.com"])))
+        await amqp.publish(queue, email_body("busy@example.com"))
         events = await tap.wait(4)
     assert [key for key, _ in events] == [
         "email.dead_lettered",

@@ -11,7 +11,6 @@ from pathlib import Path
 import aio_pika
 import aiohttp
 import msgspec
-import orjson
 import pytest
 from aiohttp import web
 
@@ -20,7 +19,7 @@ from formcraftd.ops.http import bound_port
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, webhook_job
 from tests.support.google import CLIENT_SECRET, Failure, FakeGoogle, sheets_job_body
-from tests.support.smtp import PASSWORD, email_payload, running_servers
+from tests.support.smtp import PASSWORD, email_body, running_servers
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -86,9 +85,7 @@ async def test_no_secret_anywhere_after_every_failure_path(
             await amqp.publish(
                 cfg.workers.webhook.queue, webhook_job(receiver.url, secret="whsec_not*base64!")
             )
-            await amqp.publish(
-                cfg.workers.email.queue, orjson.dumps(email_payload(["gone@example.com"]))
-            )
+            await amqp.publish(cfg.workers.email.queue, email_body("gone@example.com"))
             await amqp.publish(
                 cfg.workers.sheets.queue,
                 sheets_job_body(

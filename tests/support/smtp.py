@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import orjson
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -280,6 +281,11 @@ def email_payload(
         },
         "metadata": {"formId": form_id, "submissionId": submission_id, "retryCount": 0},
     }
+
+
+def email_body(*to: str, **kwargs: Any) -> bytes:
+    """An `email.send` job's message body, to `to` (by default owner@example.com)."""
+    return orjson.dumps(email_payload(to or ("owner@example.com",), **kwargs))
 
 
 SAMPLE_DATA: dict[str, Any] = {

@@ -17,8 +17,7 @@ from tests.conftest import DaemonFactory
 from tests.support import Broker, Names, make_config
 from tests.support import bounces as samples
 from tests.support.imap import PASSWORD, USER, Dovecot, running_dovecot
-from tests.support.smtp import SmtpServer
-from tests.workers.email.test_email_e2e import email_body
+from tests.support.smtp import SmtpServer, email_body
 
 pytestmark = [pytest.mark.e2e, pytest.mark.email, pytest.mark.timeout(90)]
 

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from formcraftd.core.config import Config
@@ -20,7 +19,7 @@ from tests.support.smtp import (
     Certificate,
     SmtpFactory,
     SmtpServer,
-    email_payload,
+    email_body,
     make_certificate,
 )
 
@@ -40,10 +39,6 @@ def email_config(names: Names, server: SmtpServer, state_dir: Path, **email: Any
     return make_config(
         names, webhook={"enabled": False}, email=section, breaker={"failure_threshold": 1000}
     )
-
-
-def email_body(*to: str, **kwargs: Any) -> bytes:
-    return orjson.dumps(email_payload(to or ("owner@example.com",), **kwargs))
 
 
 async def until(probe: Callable[[], Awaitable[int]], expected: int, timeout: float = 15) -> None:
