@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import aio_pika
 import pytest
 
 from formcraftd.core import config
+from formcraftd.core.tracing import Tracer
 from formcraftd.daemon import Daemon
 from tests.support import AMQP_URL, VHOST, Behaviour, Broker, Names, Receiver, ok, rabbitmqctl
 from tests.support.events import EventTap
@@ -110,7 +111,12 @@ async def receiver_factory() -> AsyncIterator[ReceiverFactory]:
         await receiver.stop()
 
 
-DaemonFactory = Callable[[config.Config], Awaitable[Daemon]]
+class DaemonFactory(Protocol):
+    """Starts a daemon with `cfg` (and a tracer of the test's, if given) once it consumes."""
+
+    def __call__(
+        self, cfg: config.Config, *, tracer: Tracer | None = None
+    ) -> Awaitable[Daemon]: ...
 
 
 @pytest.fixture
@@ -118,9 +124,9 @@ async def start_daemon(amqp: Broker) -> AsyncIterator[DaemonFactory]:
     """Run daemons in this event loop; each is shut down gracefully afterwards."""
     running: list[tuple[Daemon, asyncio.Task[None]]] = []
 
-    async def start(cfg: config.Config) -> Daemon:
+    async def start(cfg: config.Config, *, tracer: Tracer | None = None) -> Daemon:
         amqp.track(cfg)
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, tracer=tracer)
         task = asyncio.create_task(daemon.run())
         running.append((daemon, task))
         started = asyncio.create_task(daemon.started.wait())

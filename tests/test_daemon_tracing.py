@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -15,9 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from formcraftd.amqp import dead_letters
-from formcraftd.core import config
 from formcraftd.core.tracing import PREVIOUS_ATTEMPT_HEADER
-from formcraftd.daemon import Daemon
 from formcraftd.ops import tracing
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, make_config, sequence, webhook_job
@@ -72,34 +69,6 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spans]:
     spans.tracer.shutdown()
 
 
-TracedDaemon = Callable[[config.Config], Awaitable[Daemon]]
-
-
-@pytest.fixture
-async def start_traced(amqp: Broker, spans: Spans) -> AsyncIterator[TracedDaemon]:
-    """Run a daemon with the in-memory tracer in this event loop; shut down afterwards."""
-    running: list[tuple[Daemon, asyncio.Task[None]]] = []
-
-    async def start(cfg: config.Config) -> Daemon:
-        amqp.track(cfg)
-        daemon = Daemon(cfg, tracer=spans.tracer)
-        task = asyncio.create_task(daemon.run())
-        running.append((daemon, task))
-        async with asyncio.timeout(20):
-            started = asyncio.create_task(daemon.started.wait())
-            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            started.cancel()
-            task.result()
-        return daemon
-
-    yield start
-    for daemon, task in running:
-        daemon.request_shutdown()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, timeout=30)
-
-
 def span_id(span: ReadableSpan) -> str:
     return format(span.context.span_id, "016x")
 
@@ -108,14 +77,14 @@ async def test_the_receiver_sees_the_trace_id_the_app_sent(
     names: Names,
     amqp: Broker,
     receiver_factory: ReceiverFactory,
-    start_traced: TracedDaemon,
+    start_daemon: DaemonFactory,
     spans: Spans,
 ) -> None:
     """A job published with a traceparent reaches the receiver in the same trace, under
     the request's client span, itself under the attempt's consumer span."""
     receiver = await receiver_factory(sequence(200))
     cfg = make_config(names)
-    await start_traced(cfg)
+    await start_daemon(cfg, tracer=spans.tracer)
     await amqp.publish(
         cfg.workers.webhook.queue,
         webhook_job(receiver.url + "?token=s3cret"),
@@ -144,13 +113,13 @@ async def test_a_retried_job_stays_in_its_trace_and_links_each_attempt_to_the_on
     names: Names,
     amqp: Broker,
     receiver_factory: ReceiverFactory,
-    start_traced: TracedDaemon,
+    start_daemon: DaemonFactory,
     spans: Spans,
 ) -> None:
     """503, 503, 200: three attempts under the app's span, each linked to the one before."""
     receiver = await receiver_factory(sequence(503, 503, 200))
     cfg = make_config(names)
-    await start_traced(cfg)
+    await start_daemon(cfg, tracer=spans.tracer)
     await amqp.publish(
         cfg.workers.webhook.queue,
         webhook_job(receiver.url),
@@ -177,13 +146,13 @@ async def test_a_dead_letter_carries_the_trace_for_a_replay(
     names: Names,
     amqp: Broker,
     receiver_factory: ReceiverFactory,
-    start_traced: TracedDaemon,
+    start_daemon: DaemonFactory,
     spans: Spans,
 ) -> None:
     """The dead-lettered message keeps the app's traceparent and names its last attempt."""
     receiver = await receiver_factory(sequence(410))
     cfg = make_config(names)
-    await start_traced(cfg)
+    await start_daemon(cfg, tracer=spans.tracer)
     await amqp.publish(
         cfg.workers.webhook.queue,
         webhook_job(receiver.url),
@@ -202,14 +171,14 @@ async def test_a_replayed_dead_letter_continues_the_trace_linked_to_its_last_att
     names: Names,
     amqp: Broker,
     receiver_factory: ReceiverFactory,
-    start_traced: TracedDaemon,
+    start_daemon: DaemonFactory,
     spans: Spans,
 ) -> None:
     """410, then a replay from the DLQ and 200: both attempts under the app's span, the
     replayed one linked to the dead-lettered one."""
     receiver = await receiver_factory(sequence(410, 200))
     cfg = make_config(names)
-    await start_traced(cfg)
+    await start_daemon(cfg, tracer=spans.tracer)
     queue = cfg.workers.webhook.queue
     await amqp.publish(queue, webhook_job(receiver.url), headers={"traceparent": APP_TRACEPARENT})
     # The attempt's span ends once the dead letter is confirmed: it is in the DLQ by then.
