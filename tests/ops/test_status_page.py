@@ -19,7 +19,7 @@ from aiohttp import web
 from formcraftd.daemon import Daemon
 from formcraftd.ops.http import bound_port
 from tests.conftest import DaemonFactory, ReceiverFactory
-from tests.support import Broker, Names, make_config, ok, webhook_job
+from tests.support import Broker, Names, make_config, ok, serving, webhook_job
 
 pytestmark = [pytest.mark.e2e]
 
@@ -224,14 +224,8 @@ async def page_server(
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/status.json", status)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 async def test_status_page_shows_an_error_banner_when_the_fetch_fails(tmp_path: Path) -> None:

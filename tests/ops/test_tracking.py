@@ -18,6 +18,7 @@ from aiohttp import web
 
 from formcraftd.core.config import LoggingConfig
 from formcraftd.ops import logs, tracking
+from tests.support import serving
 
 WHSEC = "whsec_c2VudHJ5LXRlc3Qtc2VjcmV0LWtleQ=="
 PASSWORD = "hunter2-in-a-url"
@@ -85,15 +86,8 @@ async def ingest() -> AsyncIterator[Ingest]:
     ingest = Ingest()
     app = web.Application()
     app.router.add_post("/api/{project}/envelope/", ingest.handle)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        ingest.port = runner.addresses[0][1]
+    async with serving(app) as ingest.port:
         yield ingest
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

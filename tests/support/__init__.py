@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,19 @@ def amqp_url(port: int | None = None) -> str:
 
 
 AMQP_URL = amqp_url()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, **runner: Any) -> AsyncIterator[int]:
+    """Serve `app` on 127.0.0.1 for the block; its port. `runner`: more AppRunner options."""
+    app_runner = web.AppRunner(app, handle_signals=False, access_log=None, **runner)
+    await app_runner.setup()
+    try:
+        await web.TCPSite(app_runner, "127.0.0.1", 0).start()
+        yield int(app_runner.addresses[0][1])
+    finally:
+        await app_runner.cleanup()
+
 
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 """How a test receiver answers its n-th request (n counts from 1)."""

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from formcraftd.core.tracing import AttemptTrace
 from formcraftd.ops import tracing
 from formcraftd.ops.tracing import OtelTracer
+from tests.support import serving
 
 OTEL_VARIABLES = (
     "OTEL_SERVICE_NAME",
@@ -120,11 +121,5 @@ async def running_collector() -> AsyncIterator[Collector]:
     collector = Collector()
     app = web.Application()
     app.router.add_post("/v1/traces", collector.handle)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        collector.port = runner.addresses[0][1]
+    async with serving(app) as collector.port:
         yield collector
-    finally:
-        await runner.cleanup()

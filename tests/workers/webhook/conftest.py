@@ -12,6 +12,7 @@ from aiohttp import web
 
 from formcraftd.core.config import WebhookWorkerConfig
 from formcraftd.workers.webhook import WebhookHandler
+from tests.support import serving
 from tests.workers.webhook.support import LOOPBACK_ONLY, Receiver, started_handler
 
 
@@ -21,15 +22,8 @@ async def receiver() -> AsyncIterator[Receiver]:
     recv = Receiver()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", recv.dispatch)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        recv.port = runner.addresses[0][1]
+    async with serving(app, shutdown_timeout=0.1) as recv.port:
         yield recv
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture
