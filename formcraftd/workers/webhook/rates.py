@@ -15,6 +15,7 @@ from typing import TypedDict
 
 from formcraftd.core.config import RateLimitConfig, WebhookWorkerConfig
 from formcraftd.core.ratelimits import DestinationLimits, Rate, RateOf
+from formcraftd.workers.webhook.hosts import HostTable
 
 __all__ = ["destination_limits", "rate_of", "reconfigure_limits"]
 
@@ -23,28 +24,16 @@ _CACHE_ENTRIES = 4096
 
 def rate_of(config: RateLimitConfig) -> RateOf:
     """The configured rate of a destination key under `config` (cached per key)."""
-    exact: dict[str, Rate | None] = {}
-    domains: list[tuple[str, Rate | None]] = []
-    for rule in config.hosts:
-        rate = _rate(rule.requests_per_second, rule.burst or config.burst)
-        if rule.host.startswith("*."):
-            domains.append((rule.host[1:], rate))  # ".example.com"
-        else:
-            exact[rule.host] = rate
-    domains.sort(key=lambda item: len(item[0]), reverse=True)
+    rates = HostTable(
+        (rule.host, _rate(rule.requests_per_second, rule.burst or config.burst))
+        for rule in config.hosts
+    )
     default = _rate(config.requests_per_second, config.burst)
 
     @functools.lru_cache(maxsize=_CACHE_ENTRIES)
     def lookup(key: str) -> Rate | None:
-        host_port = key.removeprefix("webhook:")
-        host, _, _port = host_port.rpartition(":")
-        for candidate in (host_port, host):
-            if candidate in exact:
-                return exact[candidate]
-        for suffix, rate in domains:
-            if host.endswith(suffix):
-                return rate
-        return default
+        host, _, port = key.removeprefix("webhook:").rpartition(":")
+        return rates.lookup(host, default, port)
 
     return lookup
 

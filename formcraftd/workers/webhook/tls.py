@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from formcraftd.core.config import WebhookTlsConfig, WebhookWorkerConfig
 from formcraftd.core.errors import ConfigError
+from formcraftd.workers.webhook.hosts import HostTable
 
 __all__ = ["TlsContexts"]
 
@@ -60,34 +61,24 @@ def context_of(entry: WebhookTlsConfig, at: str) -> ssl.SSLContext:
 class TlsContexts:
     """The SSL context of each configured host or pattern."""
 
-    exact: dict[str, ssl.SSLContext] = field(default_factory=dict)
-    # (".example.com", context), longest suffix first
-    patterns: tuple[tuple[str, ssl.SSLContext], ...] = ()
+    contexts: HostTable[ssl.SSLContext] = field(default_factory=HostTable)
 
     @classmethod
     def from_config(cls, config: WebhookWorkerConfig) -> TlsContexts:
         """Build every entry's context (reads the files); raise ConfigError naming the key."""
-        exact: dict[str, ssl.SSLContext] = {}
-        patterns: list[tuple[str, ssl.SSLContext]] = []
-        for i, entry in enumerate(config.tls):
-            context = context_of(entry, f"workers.webhook.tls[{i}]")
-            host = entry.host.lower().removesuffix(".").strip("[]")
-            if host.startswith("*."):
-                patterns.append((host[1:], context))
-            else:
-                exact[host] = context
-        patterns.sort(key=lambda item: len(item[0]), reverse=True)
-        return cls(exact, tuple(patterns))
+        return cls(
+            HostTable(
+                (_normal(entry.host), context_of(entry, f"workers.webhook.tls[{i}]"))
+                for i, entry in enumerate(config.tls)
+            )
+        )
 
     def for_host(self, host: str) -> ssl.SSLContext | None:
         """The context for `host` (an exact entry, else the longest pattern); None = default."""
-        if not self.exact and not self.patterns:
+        if not self.contexts:
             return None
-        host = host.lower().removesuffix(".").strip("[]")
-        context = self.exact.get(host)
-        if context is not None:
-            return context
-        for suffix, pattern_context in self.patterns:
-            if host.endswith(suffix):
-                return pattern_context
-        return None
+        return self.contexts.lookup(_normal(host), None)
+
+
+def _normal(host: str) -> str:
+    return host.lower().removesuffix(".").strip("[]")

