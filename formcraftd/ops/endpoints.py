@@ -25,18 +25,10 @@ from formcraftd.core.events import (
     Event,
     now,
 )
+from formcraftd.workers.webhook.targets import KEY_PREFIX, host_and_port
 
-PREFIX = "webhook:"
 GONE_SHOWN_S = 3600.0
 GONE_SHOWN_MAX = 100
-
-
-def host_and_port(key: str) -> tuple[str, int] | None:
-    """(host, port) of a ``webhook:<host>:<port>`` breaker key; None for other keys."""
-    if not key.startswith(PREFIX):
-        return None
-    host, _, port = key[len(PREFIX) :].rpartition(":")
-    return (host, int(port)) if host and port.isdigit() else None
 
 
 class EndpointHealth:
@@ -79,7 +71,7 @@ class EndpointHealth:
     def emit(self, event: Event) -> None:
         """What the workers emit: a 410 is remembered, then everything is published."""
         if isinstance(event, EndpointGoneEvent):
-            self.gone[f"{PREFIX}{event.host}:{event.port}"] = event
+            self.gone[f"{KEY_PREFIX}{event.host}:{event.port}"] = event
         self._emit(event)
 
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:

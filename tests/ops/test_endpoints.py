@@ -9,16 +9,10 @@ from aiohttp import web
 
 from formcraftd.core.breakers import CircuitBreaker
 from formcraftd.core.events import EndpointFailingEvent, EndpointRecoveredEvent, Event
-from formcraftd.ops.endpoints import EndpointHealth, host_and_port
+from formcraftd.ops.endpoints import EndpointHealth
 from tests.conftest import DaemonFactory, ReceiverFactory
 from tests.support import Broker, Names, status, webhook_job
 from tests.support.events import EventTap, events_config
-
-
-def test_breaker_keys_give_host_and_port() -> None:
-    assert host_and_port("webhook:hooks.example.com:443") == ("hooks.example.com", 443)
-    assert host_and_port("webhook:[::1]:8080") == ("[::1]", 8080)
-    assert host_and_port("smtp:relay:25") is None
 
 
 def test_a_breaker_that_opens_then_closes_is_failing_then_recovered() -> None:

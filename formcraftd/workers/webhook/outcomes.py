@@ -25,7 +25,7 @@ from formcraftd.core.retry import parse_retry_after
 from formcraftd.core.text import one_line
 from formcraftd.workers.webhook.egress import EgressProxy
 from formcraftd.workers.webhook.request import WebhookRequest
-from formcraftd.workers.webhook.targets import target_of
+from formcraftd.workers.webhook.targets import host_and_port, target_of
 
 SNIPPET_CHARS = 512
 SNIPPET_BYTES = SNIPPET_CHARS * 4  # enough UTF-8 for 512 characters
@@ -97,12 +97,13 @@ def describe(exc: BaseException) -> str:
 
 def gone(job: WebhookJob, ctx: JobContext) -> EndpointGoneEvent:
     """`webhook.endpoint_gone` for a 410: the app may disable the integration."""
-    key = target_of(job.payload.url).breaker_key
-    host, _, port = key.removeprefix("webhook:").rpartition(":")
+    where = host_and_port(target_of(job.payload.url).breaker_key)
+    assert where is not None, "a request was sent, so the URL is valid"
+    host, port = where
     return EndpointGoneEvent(
         url=mask_url(job.payload.url),
         host=host,
-        port=int(port),
+        port=port,
         job_id=ctx.job_id,
         form_id=job.metadata.form_id,
         submission_id=job.metadata.submission_id,

@@ -16,6 +16,7 @@ from typing import TypedDict
 from formcraftd.core.config import RateLimitConfig, WebhookWorkerConfig
 from formcraftd.core.ratelimits import DestinationLimits, Rate, RateOf
 from formcraftd.workers.webhook.hosts import HostTable
+from formcraftd.workers.webhook.targets import KEY_PREFIX
 
 __all__ = ["destination_limits", "rate_of", "reconfigure_limits"]
 
@@ -32,7 +33,7 @@ def rate_of(config: RateLimitConfig) -> RateOf:
 
     @functools.lru_cache(maxsize=_CACHE_ENTRIES)
     def lookup(key: str) -> Rate | None:
-        host, _, port = key.removeprefix("webhook:").rpartition(":")
+        host, _, port = key.removeprefix(KEY_PREFIX).rpartition(":")
         return rates.lookup(host, default, port)
 
     return lookup

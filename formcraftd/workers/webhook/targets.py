@@ -18,13 +18,21 @@ from yarl import URL
 from formcraftd.core.errors import PermanentFailure
 from formcraftd.workers.webhook.netguard import ALLOW_HINT, NetworkPolicy
 
-__all__ = ["Target", "breaker_key", "check_literal_host", "target_of"]
+__all__ = [
+    "KEY_PREFIX",
+    "Target",
+    "breaker_key",
+    "check_literal_host",
+    "host_and_port",
+    "target_of",
+]
 
 # Parsed URLs are kept for this many distinct URLs (about 1.2 KiB per ordinary
 # URL). A URL longer than _CACHEABLE_CHARS is parsed per job instead, which
 # bounds the cache at about 13 MiB even if every URL were that long.
 _CACHE_ENTRIES = 4096
 _CACHEABLE_CHARS = 1024
+KEY_PREFIX = "webhook:"
 _INVALID_KEY = "webhook:invalid-url"
 
 Verdict = Literal["ok", "refused", "invalid"]
@@ -33,6 +41,15 @@ Verdict = Literal["ok", "refused", "invalid"]
 def breaker_key(url: str) -> str:
     """`webhook:<host>:<port>`, host lowercased, the scheme's default port filled in."""
     return target_of(url).breaker_key
+
+
+def host_and_port(key: str) -> tuple[str, int] | None:
+    """(host, port) of a `webhook:<host>:<port>` breaker key (an IPv6 host keeps its
+    brackets); None for any other key."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    host, _, port = key[len(KEY_PREFIX) :].rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +112,7 @@ def _breaker_key_of(url: URL) -> str:
     if not host:
         return _INVALID_KEY
     host = host.lower()
-    return f"webhook:[{host}]:{port}" if ":" in host else f"webhook:{host}:{port}"
+    return f"{KEY_PREFIX}[{host}]:{port}" if ":" in host else f"{KEY_PREFIX}{host}:{port}"
 
 
 def check_literal_host(target: Target, policy: NetworkPolicy) -> None:

@@ -7,7 +7,7 @@ import pytest
 from formcraftd.core.config import WebhookWorkerConfig
 from formcraftd.core.errors import PermanentFailure
 from formcraftd.workers.webhook import WebhookHandler
-from formcraftd.workers.webhook.targets import breaker_key
+from formcraftd.workers.webhook.targets import breaker_key, host_and_port
 from tests.workers.webhook.support import LOOPBACK_ONLY, Receiver, ctx, job, started_handler
 
 pytestmark = [pytest.mark.webhook, pytest.mark.timeout(10)]
@@ -127,3 +127,11 @@ async def test_reload_changes_the_verdict_on_a_literal(receiver: Receiver) -> No
         assert len(receiver.seen) == 2
     finally:
         await h.aclose()
+
+
+def test_breaker_keys_give_host_and_port() -> None:
+    """host_and_port() reads back what breaker_key() writes; other keys give None."""
+    assert host_and_port("webhook:hooks.example.com:443") == ("hooks.example.com", 443)
+    assert host_and_port("webhook:[::1]:8080") == ("[::1]", 8080)
+    assert host_and_port(breaker_key("https://Hooks.Example.com/x")) == ("hooks.example.com", 443)
+    assert host_and_port("smtp:relay:25") is None
