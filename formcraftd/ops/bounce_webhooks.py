@@ -33,6 +33,7 @@ from aiohttp import web
 from cachetools import TTLCache
 
 from formcraftd.core.bounces import BounceIntake, BounceReport, BounceType
+from formcraftd.core.streams import read_at_most
 from formcraftd.core.text import one_line
 
 log = logging.getLogger("formcraftd.bounces")
@@ -177,7 +178,7 @@ async def read_json(request: web.Request) -> Any:
     """The JSON body (at most MAX_BODY_BYTES); 400 if it is not JSON, 413 if too large."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)
-    body = await request.content.read(MAX_BODY_BYTES + 1)
+    body = await read_at_most(request.content, MAX_BODY_BYTES + 1)
     if len(body) > MAX_BODY_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, len(body))
     try:

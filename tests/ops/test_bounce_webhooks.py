@@ -3,6 +3,7 @@ served by the real HTTP app over loopback, feeding a real suppression policy."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from formcraftd.core.bounces import BounceIntake
@@ -262,3 +264,28 @@ async def test_the_admin_api_lists_by_reason_and_removes_entries(
     async with aiohttp.ClientSession() as session, session.get(f"{base}/admin/suppression") as r:
         assert r.status == 401
     assert not suppression.suppressed([RCPT])
+
+
+async def test_a_body_that_arrives_in_pieces_is_read_to_its_end(
+    serve: Serve, make_policy: MakePolicy
+) -> None:
+    """A provider's JSON sent in several chunks, apart in time, is read whole: the
+    report is applied, not refused as a body that is not JSON."""
+    under = await configured(make_policy)
+    await under.policy.record_sent("job-mg", "form-1", "sub-1", [RCPT])
+    base = await serve(under)
+    raw = orjson.dumps(mailgun_body(MAILGUN_FAILED))
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(raw), 64):
+            yield raw[start : start + 64]
+            await asyncio.sleep(0.02)
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{base}/bounces/mailgun", data=pieces(), headers={"Content-Type": "application/json"}
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        assert await response.json() == {"result": "applied", "matched": True, "suppressed": True}

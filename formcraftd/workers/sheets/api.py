@@ -27,11 +27,11 @@ from yarl import URL
 from formcraftd.core.errors import ConfigError, PermanentFailure, RetryCode, RetryLater
 from formcraftd.core.redaction import redact
 from formcraftd.core.retry import parse_retry_after
+from formcraftd.core.streams import read_at_most
 from formcraftd.core.text import one_line
 from formcraftd.workers.sheets.google_auth import (
     AccessToken,
     describe_transport_error,
-    read_body,
 )
 
 __all__ = ["ApiRequest", "ApiResponse", "SheetsApi", "judge", "load_discovery", "send"]
@@ -158,7 +158,7 @@ async def send(
             timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S),
         ) as resp:
             # Read even a success's (small) body, so the connection can be kept alive.
-            body = await read_body(resp, _MAX_RESPONSE_BYTES)
+            body = await read_at_most(resp.content, _MAX_RESPONSE_BYTES)
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             status = resp.status
     except TimeoutError:

@@ -31,6 +31,7 @@ from cachetools import LRUCache
 
 from formcraftd.core.errors import JobFailure, PermanentFailure, RetryLater
 from formcraftd.core.retry import parse_retry_after
+from formcraftd.core.streams import read_at_most
 
 __all__ = [
     "REFRESH_MARGIN_MS",
@@ -40,7 +41,6 @@ __all__ = [
     "TokenCache",
     "copy_failure",
     "describe_transport_error",
-    "read_body",
     "token_key",
 ]
 
@@ -280,7 +280,7 @@ class TokenCache:
             async with session.post(
                 client.token_url, data=form, timeout=_TIMEOUT, allow_redirects=False
             ) as resp:
-                body = await read_body(resp, _MAX_RESPONSE_BYTES)
+                body = await read_at_most(resp.content, _MAX_RESPONSE_BYTES)
                 status, retry_after = resp.status, resp.headers.get("Retry-After")
         except TimeoutError:
             raise RetryLater(
@@ -331,14 +331,3 @@ def _error_code(body: bytes) -> str:
     except msgspec.MsgspecError:
         return ""
     return error if isinstance(error, str) and _ERROR_CODE.fullmatch(error) else ""
-
-
-async def read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The response body, or its first `limit` bytes (a single read may return less)."""
-    body = bytearray()
-    while len(body) < limit:
-        chunk = await resp.content.read(limit - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return bytes(body)
