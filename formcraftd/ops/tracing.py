@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -131,47 +131,15 @@ def _failed(span: Span, error_type: str) -> None:
     span.set_status(Status(StatusCode.ERROR))
 
 
-class _ClientSpan:
+class _Scoped:
+    """A span ended when the `with` block around it ends, failed if an exception leaves it."""
+
     __slots__ = ("_span",)
 
     def __init__(self, span: Span) -> None:
         self._span = span
 
-    def __enter__(self) -> _ClientSpan:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None:
-            self.failed(_error_type(exc))
-        self._span.end()
-
-    def set_attribute(self, key: str, value: AttributeValue) -> None:
-        self._span.set_attribute(key, value)
-
-    def failed(self, error_type: str) -> None:
-        _failed(self._span, error_type)
-
-
-class _AttemptSpan:
-    """One attempt's CONSUMER span; ended when the `with` block around the attempt ends."""
-
-    __slots__ = ("_continued", "_span", "_tracer")
-
-    def __init__(self, tracer: trace.Tracer, span: Span, continued: bool) -> None:
-        self._tracer = tracer
-        self._span = span
-        self._continued = continued  # the message came with a valid trace context
-
-    @property
-    def span(self) -> Span:
-        return self._span
-
-    def __enter__(self) -> _AttemptSpan:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -183,6 +151,31 @@ class _AttemptSpan:
         if exc is not None:
             _failed(self._span, _error_type(exc))
         self._span.end()
+
+
+class _ClientSpan(_Scoped):
+    __slots__ = ()
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        self._span.set_attribute(key, value)
+
+    def failed(self, error_type: str) -> None:
+        _failed(self._span, error_type)
+
+
+class _AttemptSpan(_Scoped):
+    """One attempt's CONSUMER span; ended when the `with` block around the attempt ends."""
+
+    __slots__ = ("_continued", "_tracer")
+
+    def __init__(self, tracer: trace.Tracer, span: Span, continued: bool) -> None:
+        super().__init__(span)
+        self._tracer = tracer
+        self._continued = continued  # the message came with a valid trace context
+
+    @property
+    def span(self) -> Span:
+        return self._span
 
     def client(
         self,
